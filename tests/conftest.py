@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny models of both architectures and a fresh cache folder."""
+
+import numpy as np
+import pytest
+
+from minidisel import AdapterConfig, ModelConfig, init_adapters, init_params
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Point the base-model cache at a fresh folder, so tests never share state."""
+    monkeypatch.setenv("MINIDISEL_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_model(arch="gpt", **overrides):
+    """Return a small ModelConfig of ``arch``."""
+    settings = dict(vocab_size=11, d_model=8, n_layers=2, n_heads=2, max_seq_len=8, arch=arch)
+    if arch == "llama":
+        settings.update(n_kv_heads=1, d_ff=12)
+    settings.update(overrides)
+    return ModelConfig(**settings)
+
+
+def randomize_B(adapters, rng, scale=0.3):
+    """Return adapters whose zero-initialised B factors are replaced by random values."""
+    return {
+        key: randomize_B(value, rng, scale) if isinstance(value, dict)
+        else (scale * rng.standard_normal(value.shape) if key == "B" else value)
+        for key, value in adapters.items()
+    }
+
+
+def tiny_setup(arch="gpt", seed=0, random_B=True, **adapter_fields):
+    """Return ``(model_config, params, adapter_config, adapters, tokens)`` for a tiny model."""
+    rng = np.random.default_rng(seed)
+    config = tiny_model(arch)
+    params = init_params(config, rng)
+    adapter_config = AdapterConfig(**{"r": 3, "lora_alpha": 6.0, **adapter_fields})
+    adapters = init_adapters(params, config, adapter_config, rng)
+    if random_B:
+        adapters = randomize_B(adapters, rng)
+    tokens = rng.integers(0, config.vocab_size, size=(2, 5))
+    return config, params, adapter_config, adapters, tokens
