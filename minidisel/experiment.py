@@ -31,7 +31,7 @@ class Recipe:
     pretrain: TrainConfig = TrainConfig(steps=800, batch_size=32, lr=3e-3, weight_decay=0.01, log_every=0)
     finetune_steps: int = 300
     finetune_batch_size: int = 32
-    learning_rates: tuple = (("full", 1e-3), ("lora", 3e-3), ("disel", 3e-3))
+    learning_rates: tuple = (("full", 3e-3), ("lora", 3e-3), ("disel", 3e-3))
     adapter: AdapterConfig = AdapterConfig(method="disel", r=8, lora_alpha=16.0)
     eval_size: int = 512
 

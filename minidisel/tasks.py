@@ -8,7 +8,8 @@ nothing is downloaded. Token ids:
 Task families (the name given to ``--task``):
 
 * ``disjoint``: P reverses a string of digits 0-4; Q reverses a string of digits
-  5-9 and adds 1 to each digit (mod 10). No marker token: only the digits
+  5-9 and maps each digit d to (d + 1) mod 5, so Q's answers are digits 0-4,
+  which the base model already writes. No marker token: only the input digits
   tell P from Q, and no input digit is shared.
 * ``overlap-K`` (K = 0..5): as ``disjoint``, but Q draws its digits from
   ``5-K .. 9-K``, so K digits are shared with P. ``overlap-0`` is ``disjoint``.
@@ -57,8 +58,8 @@ def operate(x, op):
     """Apply a digit-string operation to each row of ``x`` (N, L)."""
     if op == "reverse":
         return x[:, ::-1]
-    if op == "reverse_add1":
-        return (x[:, ::-1] + 1) % 10
+    if op == "reverse_add1_mod5":
+        return (x[:, ::-1] + 1) % 5
     if op == "add1":
         return (x + 1) % 10
     raise ValueError(f"unknown digit operation {op!r}")
@@ -108,11 +109,11 @@ def overlap_task(k):
     q_digits = list(range(5 - k, 10 - k))
     samplers = {
         "P": partial(digit_sequences, digits=list(range(5)), ops={None: "reverse"}),
-        "Q": partial(digit_sequences, digits=q_digits, ops={None: "reverse_add1"}),
+        "Q": partial(digit_sequences, digits=q_digits, ops={None: "reverse_add1_mod5"}),
     }
     seq_len = 2 * STRING_LENGTH + 2
     name = "disjoint" if k == 0 else f"overlap-{k}"
-    description = f"P: reverse digits 0-4; Q: reverse and add 1, digits {q_digits[0]}-{q_digits[-1]}"
+    description = f"P: reverse digits 0-4; Q: reverse digits {q_digits[0]}-{q_digits[-1]}, then d -> (d + 1) mod 5"
     return Task(name, description, samplers, seq_len, answer_positions(seq_len), True)
 
 
