@@ -15,20 +15,32 @@ dicts of arrays only.
 
 This module never imports training code. Adapters enter only through
 :func:`minidisel.adapters.project`.
+
+Two sets of layer functions compute the same model. The plain set is the
+textbook formulas of :mod:`minidisel.nn` and :mod:`minidisel.adapters`,
+differentiated operation by operation by autograd. The fused set
+(:mod:`minidisel.fused`) computes each layer as one operation with a
+hand-written gradient, several times faster. ``forward(..., fused=True)``
+selects the fused set; tests check that both give the same outputs and
+gradients.
 """
 
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from typing import Callable
 
 import autograd.numpy as np
 import numpy
 
+from minidisel import fused as fused_layers
 from minidisel.adapters import AdapterMode, project
-from minidisel.config import AdapterConfig, ModelConfig
+from minidisel.config import AdapterConfig, ModelConfig, check_bool
 from minidisel.nn import (
     apply_rotary,
     attention,
     gelu,
     layer_norm,
+    linear,
     merge_heads,
     rms_norm,
     rotary_tables,
@@ -93,11 +105,11 @@ def init_params(config, rng):
     return params
 
 
-def normalize(x, p, config):
+def normalize(x, p, config, layers):
     """Apply the architecture's normalisation: LayerNorm (GPT) or RMSNorm (Llama)."""
     if config.arch == "gpt":
-        return layer_norm(x, p, config.norm_eps)
-    return rms_norm(x, p, config.norm_eps)
+        return layers.layer_norm(x, p, config.norm_eps)
+    return layers.rms_norm(x, p, config.norm_eps)
 
 
 @lru_cache(maxsize=32)
@@ -108,17 +120,17 @@ def cached_rotary_tables(T, K, theta, dtype):
     return cos, sin
 
 
-def self_attention(x, p, adapters, mode, config):
-    """Causal multi-head self-attention: (B, T, D) -> (B, T, D), gates."""
-    q, g_q = project(x, p["q_proj"], adapters.get("q_proj"), mode)  # (B, T, H*K)
-    k, g_k = project(x, p["k_proj"], adapters.get("k_proj"), mode)  # (B, T, G*K)
-    v, g_v = project(x, p["v_proj"], adapters.get("v_proj"), mode)  # (B, T, G*K)
+def multi_head_attention(q, k, v, config, rotary=None):
+    """Causal attention on projected inputs: (B, T, H*K), (B, T, G*K), (B, T, G*K) -> (B, T, D).
+
+    ``rotary`` is ``(cos, sin)`` for Llama's rotary embeddings, else None.
+    """
     q = split_heads(q, config.n_heads)  # (B, H, T, K)
     k = split_heads(k, config.kv_heads)  # (B, G, T, K)
     v = split_heads(v, config.kv_heads)  # (B, G, T, K)
 
-    if config.arch == "llama":
-        cos, sin = cached_rotary_tables(x.shape[1], config.head_dim, config.rope_theta, config.dtype)
+    if rotary is not None:
+        cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     # grouped-query attention: each key/value head serves H / G query heads
@@ -126,33 +138,83 @@ def self_attention(x, p, adapters, mode, config):
     if repeats > 1:
         k, v = np.repeat(k, repeats, axis=1), np.repeat(v, repeats, axis=1)  # (B, H, T, K)
 
-    y = merge_heads(attention(q, k, v))  # (B, T, D)
-    y, g_o = project(y, p["o_proj"], adapters.get("o_proj"), mode)
+    return merge_heads(attention(q, k, v))  # (B, T, D)
+
+
+def swiglu(gate, up):
+    """Return Llama's gated activation ``silu(gate) ⊙ up``."""
+    return silu(gate) * up
+
+
+@dataclass(frozen=True)
+class LayerFunctions:
+    """The layer functions a forward pass calls; each fused one has the plain one's signature."""
+
+    linear: Callable
+    project: Callable
+    layer_norm: Callable
+    rms_norm: Callable
+    attention: Callable
+    gelu: Callable
+    swiglu: Callable
+
+
+PLAIN = LayerFunctions(linear, project, layer_norm, rms_norm, multi_head_attention, gelu, swiglu)
+FUSED = LayerFunctions(
+    fused_layers.linear,
+    fused_layers.project,
+    fused_layers.layer_norm,
+    fused_layers.rms_norm,
+    fused_layers.attention,
+    fused_layers.gelu,
+    fused_layers.swiglu,
+)
+# the fused project skips computing gates unless they are returned
+FUSED_WITH_GATES = LayerFunctions(**{**FUSED.__dict__, "project": partial(fused_layers.project, with_gates=True)})
+
+
+def layer_functions(fused, return_gates=False):
+    """Return the plain (textbook) or the fused (fast) layer functions: the one place that chooses."""
+    if not fused:
+        return PLAIN
+    return FUSED_WITH_GATES if return_gates else FUSED
+
+
+def self_attention(x, p, adapters, mode, config, layers):
+    """Causal multi-head self-attention: (B, T, D) -> (B, T, D), gates."""
+    q, g_q = layers.project(x, p["q_proj"], adapters.get("q_proj"), mode)  # (B, T, H*K)
+    k, g_k = layers.project(x, p["k_proj"], adapters.get("k_proj"), mode)  # (B, T, G*K)
+    v, g_v = layers.project(x, p["v_proj"], adapters.get("v_proj"), mode)  # (B, T, G*K)
+
+    rotary = None
+    if config.arch == "llama":
+        rotary = cached_rotary_tables(x.shape[1], config.head_dim, config.rope_theta, config.dtype)
+    y = layers.attention(q, k, v, config, rotary)  # (B, T, D)
+
+    y, g_o = layers.project(y, p["o_proj"], adapters.get("o_proj"), mode)
     return y, collect(q_proj=g_q, k_proj=g_k, v_proj=g_v, o_proj=g_o)
 
 
-def mlp(x, p, adapters, mode, config):
+def mlp(x, p, adapters, mode, config, layers):
     """The feed-forward block: GELU (GPT) or SwiGLU (Llama): (B, T, D) -> (B, T, D), gates."""
-    up, g_up = project(x, p["up_proj"], adapters.get("up_proj"), mode)  # (B, T, F)
+    up, g_up = layers.project(x, p["up_proj"], adapters.get("up_proj"), mode)  # (B, T, F)
     if config.arch == "gpt":
-        h, g_gate = gelu(up), None
+        h, g_gate = layers.gelu(up), None
     else:
-        gate, g_gate = project(x, p["gate_proj"], adapters.get("gate_proj"), mode)  # (B, T, F)
-        h = silu(gate) * up
-    y, g_down = project(h, p["down_proj"], adapters.get("down_proj"), mode)  # (B, T, D)
+        gate, g_gate = layers.project(x, p["gate_proj"], adapters.get("gate_proj"), mode)  # (B, T, F)
+        h = layers.swiglu(gate, up)
+    y, g_down = layers.project(h, p["down_proj"], adapters.get("down_proj"), mode)  # (B, T, D)
     return y, collect(gate_proj=g_gate, up_proj=g_up, down_proj=g_down)
 
 
-def block(x, p, adapters, mode, config):
+def block(x, p, adapters, mode, config, layers):
     """One pre-norm transformer block: (B, T, D) -> (B, T, D), gates."""
-    a, attention_gates = self_attention(
-        normalize(x, p["input_layernorm"], config), p["self_attn"], adapters.get("self_attn", {}), mode, config
-    )
+    h = normalize(x, p["input_layernorm"], config, layers)
+    a, attention_gates = self_attention(h, p["self_attn"], adapters.get("self_attn", {}), mode, config, layers)
     x = x + a
 
-    m, mlp_gates = mlp(
-        normalize(x, p["post_attention_layernorm"], config), p["mlp"], adapters.get("mlp", {}), mode, config
-    )
+    h = normalize(x, p["post_attention_layernorm"], config, layers)
+    m, mlp_gates = mlp(h, p["mlp"], adapters.get("mlp", {}), mode, config, layers)
     return x + m, collect(self_attn=attention_gates, mlp=mlp_gates)
 
 
@@ -187,6 +249,7 @@ def forward(
     rng=None,
     gate_override=None,
     return_gates=False,
+    fused=False,
 ):
     """Run the model: tokens (B, T) -> logits (B, T, V).
 
@@ -194,11 +257,15 @@ def forward(
     LoRA or DISeL update. ``training=True`` applies adapter dropout, drawing
     masks from ``rng``. ``gate_override`` forces every DISeL gate to a constant.
     With ``return_gates=True`` it returns ``(logits, gates)``, where ``gates``
-    mirrors the adapter tree and holds ``(B, T, R)`` arrays.
+    mirrors the adapter tree and holds ``(B, T, R)`` arrays. ``fused=True``
+    runs the fused layer functions of :mod:`minidisel.fused`: the same model,
+    faster to differentiate.
     """
     check_tokens(tokens, config)
+    check_bool("fused", fused)
     mode = adapter_mode(adapters, adapter_config, training, rng, gate_override)
     adapters = adapters or {"layers": {}}
+    layers = layer_functions(fused, return_gates)
 
     B, T = tokens.shape
     x = params["embed_tokens"]["weight"][tokens]  # (B, T, D)
@@ -207,13 +274,13 @@ def forward(
 
     gates = {}
     for i in range(config.n_layers):
-        x, layer_gates = block(x, params["layers"][str(i)], adapters["layers"].get(str(i), {}), mode, config)
+        x, layer_gates = block(x, params["layers"][str(i)], adapters["layers"].get(str(i), {}), mode, config, layers)
         if layer_gates:
             gates[str(i)] = layer_gates
 
-    x = normalize(x, params["norm"], config)
-    head = params["embed_tokens" if config.arch == "gpt" else "lm_head"]["weight"]
-    logits = x @ head.T  # (B, T, V)
+    # the output head is a linear layer without bias (GPT: tied to the token embedding)
+    x = normalize(x, params["norm"], config, layers)
+    logits = layers.linear(x, params["embed_tokens" if config.arch == "gpt" else "lm_head"])  # (B, T, V)
     return (logits, {"layers": gates}) if return_gates else logits
 
 
