@@ -32,14 +32,19 @@ def cache_dir():
     return Path(root) / "minidisel"
 
 
-def cache_key(task_name, model_config, train_config, seed):
-    """Return the hex key of a base model pre-trained with these settings."""
+def cache_key(task_name, model_config, train_config, seed, fused=True):
+    """Return the hex key of a base model pre-trained with these settings.
+
+    ``fused`` is part of the key because the fused and plain layer functions
+    round differently, so their base models differ in the last bits.
+    """
     description = {
         "format": CACHE_FORMAT,
         "task": task_name,
         "model": asdict(model_config),
         "pretrain": {k: v for k, v in asdict(train_config).items() if k not in ("progress", "log_every")},
         "seed": seed,
+        "layers": "fused" if fused else "plain",
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 

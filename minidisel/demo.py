@@ -30,9 +30,12 @@ QUICK_RECIPE = Recipe(
 )
 
 
-def make_recipe(quick=False, steps=None, rank=None):
-    """Return the demo's recipe, optionally tiny (``quick``), with other fine-tuning steps or rank."""
-    recipe = QUICK_RECIPE if quick else Recipe()
+def make_recipe(quick=False, steps=None, rank=None, fused=True):
+    """Return the demo's recipe, optionally tiny (``quick``), with other fine-tuning steps or rank.
+
+    ``fused=False`` trains and evaluates with the plain layer functions.
+    """
+    recipe = replace(QUICK_RECIPE if quick else Recipe(), fused=fused)
     if steps is not None:
         check_int("steps", steps)
         recipe = replace(recipe, finetune_steps=steps)
@@ -44,14 +47,14 @@ def make_recipe(quick=False, steps=None, rank=None):
 
 def base_model(task, recipe, seed, use_cache=True, log=print):
     """Return a base model pre-trained on P, from the cache when a valid entry exists."""
-    key = cache_key(task.name, recipe.model, recipe.pretrain, seed)
+    key = cache_key(task.name, recipe.model, recipe.pretrain, seed, recipe.fused)
     cached = load_base(key, recipe.model) if use_cache else None
     if cached is not None:
         log(f"base model: loaded from cache (key {key})")
         return cached
 
     started = time.perf_counter()
-    params, history = pretrain(task, recipe.model, recipe.pretrain, seed, log=log)
+    params, history = pretrain(task, recipe.model, recipe.pretrain, seed, log=log, fused=recipe.fused)
     seconds = time.perf_counter() - started
     log(f"base model: pre-trained on P for {recipe.pretrain.steps} steps in {seconds:.1f} s, final loss {history['loss'][-1]:.4f}")
     if use_cache:
@@ -59,18 +62,20 @@ def base_model(task, recipe, seed, use_cache=True, log=print):
     return params
 
 
-def run_demo(task_name="disjoint", seed=0, steps=None, rank=None, quick=False, out=None, use_cache=True, log=print):
+def run_demo(
+    task_name="disjoint", seed=0, steps=None, rank=None, quick=False, out=None, use_cache=True, log=print, fused=True
+):
     """Run the demo and return ``results`` (the ``results.json`` dict); write files to ``out`` if given."""
     check_int("seed", seed, minimum=0)
     task = make_task(task_name)
-    recipe = make_recipe(quick, steps, rank)
+    recipe = make_recipe(quick, steps, rank, fused)
     if out is not None:
         check_output_folder(out)
     log(f"task {task.name}: {task.description}; seed {seed}")
 
     base = base_model(task, recipe, seed, use_cache, log)
     eval_sets = evaluation_sets(task, seed, recipe.eval_size)
-    base_eval = evaluate(base, eval_sets, task, recipe.model)
+    base_eval = evaluate(base, eval_sets, task, recipe.model, fused=recipe.fused)
     results = {
         "minidisel_version": __version__,
         "task": task.name,

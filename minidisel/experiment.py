@@ -4,6 +4,10 @@ Methods: ``"full"`` trains every base parameter; ``"lora"`` and ``"disel"``
 train an adapter tree while the base stays frozen. Each method's loss has the
 form ``loss(trainable, frozen, batch, rng)``, so freezing is structural:
 autograd differentiates the first argument only.
+
+Training and evaluation use the fused layer functions (``Recipe.fused``,
+default True); ``fused=False`` runs the plain textbook formulas instead,
+which compute the same numbers to rounding, several times more slowly.
 """
 
 import time
@@ -12,7 +16,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from minidisel.adapters import init_adapters
-from minidisel.config import AdapterConfig, ModelConfig, TrainConfig, check_int
+from minidisel import fused as fused_layers
+from minidisel.config import AdapterConfig, ModelConfig, TrainConfig, check_bool, check_int
 from minidisel.metrics import kl_from_base, mean_gates, predict, score
 from minidisel.model import forward, init_params
 from minidisel.nn import cross_entropy
@@ -34,11 +39,13 @@ class Recipe:
     learning_rates: tuple = (("full", 3e-3), ("lora", 3e-3), ("disel", 3e-3))
     adapter: AdapterConfig = AdapterConfig(method="disel", r=8, lora_alpha=16.0)
     eval_size: int = 512
+    fused: bool = True  # False: the plain layer functions of nn.py (same numbers, slower)
 
     def __post_init__(self):
         check_int("finetune_steps", self.finetune_steps)
         check_int("finetune_batch_size", self.finetune_batch_size)
         check_int("eval_size", self.eval_size)
+        check_bool("fused", self.fused)
 
     def finetune_config(self, method, seed, progress=False, log_every=0):
         """Return the fine-tuning TrainConfig of ``method``."""
@@ -58,25 +65,29 @@ class Recipe:
         return replace(self.adapter, method=method)
 
 
-def language_model_loss(trainable, frozen, batch, rng, model_config, adapter_config=None):
+def language_model_loss(trainable, frozen, batch, rng, model_config, adapter_config=None, fused=True):
     """Return the mean NLL of ``batch``'s scored targets.
 
     With ``adapter_config`` the trainable tree is an adapter on the frozen
     base; without it the trainable tree is the base itself (full fine-tuning).
+    ``fused`` selects the fused layer functions and loss (False: the plain ones).
     """
     if adapter_config is None:
-        logits = forward(trainable, batch["inputs"], model_config)
+        logits = forward(trainable, batch["inputs"], model_config, fused=fused)
     else:
-        logits = forward(frozen, batch["inputs"], model_config, trainable, adapter_config, training=True, rng=rng)
-    return cross_entropy(logits, batch["targets"], batch["mask"])
+        logits = forward(
+            frozen, batch["inputs"], model_config, trainable, adapter_config, training=True, rng=rng, fused=fused
+        )
+    loss = fused_layers.cross_entropy if fused else cross_entropy
+    return loss(logits, batch["targets"], batch["mask"])
 
 
-def pretrain(task, model_config, train_config, seed, log=print):
+def pretrain(task, model_config, train_config, seed, log=print, fused=True):
     """Train a base model from scratch on the task's P distribution; return params and history."""
     params = init_params(model_config, np.random.default_rng(seed))
 
     def loss(trainable, frozen, batch, rng):
-        return language_model_loss(trainable, frozen, batch, rng, model_config)
+        return language_model_loss(trainable, frozen, batch, rng, model_config, fused=fused)
 
     def batches(rng, n):
         return sample_batch(task, "P", rng, n)
@@ -97,7 +108,7 @@ def finetune(base, task, method, recipe, seed, progress=False, log=print):
     adapter_config = None if method == "full" else recipe.adapter_for(method)
 
     def loss(trainable, frozen, batch, rng):
-        return language_model_loss(trainable, frozen, batch, rng, model_config, adapter_config)
+        return language_model_loss(trainable, frozen, batch, rng, model_config, adapter_config, recipe.fused)
 
     def batches(rng, n):
         return sample_batch(task, "Q", rng, n)
@@ -118,11 +129,11 @@ def evaluation_sets(task, seed, size):
     return {dist: sample_batch(task, dist, rng, size) for dist in ("P", "Q")}
 
 
-def evaluate(params, eval_sets, task, model_config, adapters=None, adapter_config=None):
+def evaluate(params, eval_sets, task, model_config, adapters=None, adapter_config=None, fused=True):
     """Return per-distribution metrics, logits and flattened gates."""
     results = {}
     for dist, batch in eval_sets.items():
-        logits, gates = predict(params, batch["inputs"], model_config, adapters, adapter_config)
+        logits, gates = predict(params, batch["inputs"], model_config, adapters, adapter_config, fused=fused)
         results[dist] = {"metrics": score(logits, batch, task.has_answers), "logits": logits, "gates": gates}
     return results
 
@@ -134,7 +145,7 @@ def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print
     seconds = time.perf_counter() - started
 
     adapter_config = None if adapters is None else recipe.adapter_for(method)
-    tuned = evaluate(params, eval_sets, task, recipe.model, adapters, adapter_config)
+    tuned = evaluate(params, eval_sets, task, recipe.model, adapters, adapter_config, recipe.fused)
     p_mask = eval_sets["P"]["mask"]
     run = {
         "method": method,

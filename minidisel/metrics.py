@@ -19,13 +19,14 @@ from minidisel.tree import flatten
 EVAL_CHUNK = 256
 
 
-def predict(params, inputs, model_config, adapters=None, adapter_config=None, gate_override=None):
+def predict(params, inputs, model_config, adapters=None, adapter_config=None, gate_override=None, fused=True):
     """Return logits and the flattened gates ``{path: (B, T, R)}``, evaluating in chunks."""
     logits, gates = [], []
     for start in range(0, len(inputs), EVAL_CHUNK):
         chunk = inputs[start : start + EVAL_CHUNK]
         out, tree = forward(
-            params, chunk, model_config, adapters, adapter_config, gate_override=gate_override, return_gates=True
+            params, chunk, model_config, adapters, adapter_config,
+            gate_override=gate_override, return_gates=True, fused=fused,
         )
         logits.append(out)
         gates.append(flatten(tree))

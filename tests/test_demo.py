@@ -45,6 +45,26 @@ def test_quick_demo_writes_results_json(tmp_path):
     assert (out / "training_curves.png").stat().st_size > 0 and (out / "gates.png").stat().st_size > 0
 
 
+def test_quick_demo_plain_and_fused_agree():
+    fused = run_demo(seed=2, quick=True, log=lambda line: None)
+    plain = run_demo(seed=2, quick=True, log=lambda line: None, fused=False)
+    for dist in ("P", "Q"):
+        assert fused["base"][dist] == pytest.approx(plain["base"][dist], rel=1e-9)
+    for fused_run, plain_run in zip(fused["runs"], plain["runs"]):
+        for dist in ("P", "Q"):
+            assert fused_run[dist] == pytest.approx(plain_run[dist], rel=1e-9), (fused_run["method"], dist)
+        assert fused_run["P_kl_from_base"] == pytest.approx(plain_run["P_kl_from_base"], rel=1e-6, abs=1e-12)
+
+
+def test_cli_plain_flag_runs_plain_layers(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("minidisel.demo.run_method", lambda *args, **kwargs: calls.append(args[5].fused) or ({}, {}))
+    monkeypatch.setattr("minidisel.demo.format_table", lambda results: "")
+    assert main(["demo", "--quick", "--plain"]) == 0
+    assert main(["demo", "--quick"]) == 0
+    assert calls == [False] * 3 + [True] * 3
+
+
 def test_quick_demo_markov_has_no_accuracy():
     results = run_demo("markov", seed=0, quick=True, log=lambda line: None)
     check_metrics(results["base"]["P"], has_accuracy=False)
