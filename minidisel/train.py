@@ -14,10 +14,10 @@ import math
 import time
 
 import numpy as np
-from autograd import value_and_grad
 from tqdm.auto import tqdm
 
 from minidisel.adapters import GATE_KEYS
+from minidisel.autodiff import leafwise_value_and_grad
 from minidisel.config import TrainConfig, check_float
 from minidisel.tree import flatten, tree_map, unflatten
 
@@ -118,7 +118,7 @@ def train(loss_fn, trainable, frozen, sample_batch, config, gate_lr_multiplier=5
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     check_float("gate_lr_multiplier", gate_lr_multiplier, 0.0, low_open=True)
     rng = np.random.default_rng(config.seed)
-    loss_and_grad = value_and_grad(loss_fn)
+    loss_and_grad = leafwise_value_and_grad(loss_fn)
     state = adamw_init(trainable)
     history = {"step": [], "loss": [], "lr": [], "grad_norm": []}
     started = time.perf_counter()
