@@ -21,6 +21,10 @@ def build_parser():
     demo.add_argument("--out", default=None, help="folder for results.json and the PNG figures")
     demo.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (for tests)")
     demo.add_argument("--no-cache", action="store_true", help="pre-train the base model even if a cached copy exists")
+    demo.add_argument(
+        "--plain", action="store_true",
+        help="use the plain layer functions instead of the fused ones (same results to rounding, slower)",
+    )
     return parser
 
 
@@ -28,7 +32,9 @@ def run_demo_command(args):
     """Run ``minidisel demo`` with parsed arguments."""
     from minidisel.demo import run_demo
 
-    run_demo(args.task, args.seed, args.steps, args.rank, args.quick, args.out, use_cache=not args.no_cache)
+    run_demo(
+        args.task, args.seed, args.steps, args.rank, args.quick, args.out, use_cache=not args.no_cache, fused=not args.plain
+    )
 
 
 COMMANDS = {"demo": run_demo_command}
@@ -36,7 +42,10 @@ COMMANDS = {"demo": run_demo_command}
 
 def main(argv=None):
     """Run the command line; invalid input prints one line to stderr and exits with status 2."""
+    from minidisel.allocator import keep_freed_memory
+
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # training steps reuse freed memory instead of page-faulting it in again
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
