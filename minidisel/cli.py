@@ -1,10 +1,14 @@
 """The ``minidisel`` command line."""
 
 import argparse
+import os
 import sys
 import warnings
 
 from minidisel import __version__
+
+# environment variables that set the thread count of OpenBLAS, OpenMP and MKL builds of BLAS
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def build_parser():
@@ -40,11 +44,31 @@ def run_demo_command(args):
 COMMANDS = {"demo": run_demo_command}
 
 
+def restart_with_one_blas_thread():
+    """Re-run this command with single-threaded BLAS, unless the environment already sets a thread count.
+
+    The demo multiplies small matrices, where one BLAS thread is as fast as
+    two. When other processes keep the cores busy, OpenBLAS's threads wait
+    for each other: on a 2-core virtual machine shared with other jobs the
+    demo took 11 minutes with two threads and 1 minute with one. BLAS reads
+    its thread count when NumPy loads, before this function runs, so the
+    command runs itself again with the variables set. This process is then
+    replaced and the call does not return.
+    """
+    if any(name in os.environ for name in BLAS_THREAD_VARIABLES):
+        return
+    environment = dict(os.environ, **{name: "1" for name in BLAS_THREAD_VARIABLES})
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "minidisel", *sys.argv[1:]], environment)
+
+
 def main(argv=None):
     """Run the command line; invalid input prints one line to stderr and exits with status 2."""
     from minidisel.allocator import keep_freed_memory
 
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "demo":
+        restart_with_one_blas_thread()
     keep_freed_memory()  # training steps reuse freed memory instead of page-faulting it in again
     try:
         with warnings.catch_warnings():

@@ -65,6 +65,27 @@ def test_cli_plain_flag_runs_plain_layers(tmp_path, monkeypatch):
     assert calls == [False] * 3 + [True] * 3
 
 
+@pytest.mark.parametrize("preset", [{}, {"OMP_NUM_THREADS": "2"}])
+def test_cli_restarts_demo_with_one_blas_thread(monkeypatch, preset):
+    import minidisel.cli
+
+    for name in minidisel.cli.BLAS_THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in preset.items():
+        monkeypatch.setenv(name, value)
+    restarts = []
+    monkeypatch.setattr(minidisel.cli.os, "execve", lambda path, args, env: restarts.append((args, env)))
+    monkeypatch.setattr(minidisel.cli, "COMMANDS", {"demo": lambda args: None})
+    monkeypatch.setattr(sys, "argv", ["minidisel", "demo", "--quick"])
+    assert main() == 0
+    if preset:
+        assert restarts == []
+    else:
+        (args, env), = restarts
+        assert args[1:] == ["-m", "minidisel", "demo", "--quick"]
+        assert all(env[name] == "1" for name in minidisel.cli.BLAS_THREAD_VARIABLES)
+
+
 def test_quick_demo_markov_has_no_accuracy():
     results = run_demo("markov", seed=0, quick=True, log=lambda line: None)
     check_metrics(results["base"]["P"], has_accuracy=False)
