@@ -93,6 +93,7 @@ class AdapterKey:
     suffix: str
     shape: tuple
     applies: Callable = any_adapter
+    used_by: str = "LoRA, DISeL"
 
 
 # One row per adapter tensor. A new adapter tensor (for example DoRA's
@@ -100,11 +101,11 @@ class AdapterKey:
 ADAPTER_KEYS = (
     AdapterKey("A", "lora_A.weight", ("R", "in")),
     AdapterKey("B", "lora_B.weight", ("out", "R")),
-    AdapterKey("W_g", "lora_disel_gate.linear.weight", ("R", "in"), full_gate),
-    AdapterKey("b_g", "lora_disel_gate.linear.bias", ("R",), full_gate),
-    AdapterKey("V", "lora_disel_gate.proj_down.weight", ("D_b", "in"), bottleneck_gate),
-    AdapterKey("U", "lora_disel_gate.proj_up.weight", ("R", "D_b"), bottleneck_gate),
-    AdapterKey("b_g", "lora_disel_gate.proj_up.bias", ("R",), bottleneck_gate),
+    AdapterKey("W_g", "lora_disel_gate.linear.weight", ("R", "in"), full_gate, "DISeL, full gate"),
+    AdapterKey("b_g", "lora_disel_gate.linear.bias", ("R",), full_gate, "DISeL, full gate"),
+    AdapterKey("V", "lora_disel_gate.proj_down.weight", ("D_b", "in"), bottleneck_gate, "DISeL, bottleneck gate"),
+    AdapterKey("U", "lora_disel_gate.proj_up.weight", ("R", "D_b"), bottleneck_gate, "DISeL, bottleneck gate"),
+    AdapterKey("b_g", "lora_disel_gate.proj_up.bias", ("R",), bottleneck_gate, "DISeL, bottleneck gate"),
 )
 
 
