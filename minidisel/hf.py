@@ -235,7 +235,7 @@ def tie_output_head(flat, source):
 def load_hf_model(folder, dtype="float64"):
     """Load a Hugging Face Llama or Mistral folder; return ``(ModelConfig, params)``.
 
-    The folder holds ``config.json`` and ``model.safetensors`` (or shards with
+    The folder contains ``config.json`` and ``model.safetensors`` (or shards with
     an index). Tensors convert to ``dtype`` only where that is exact. With
     ``tie_word_embeddings`` the output head is a copy of the embedding, which
     is exact for a frozen base model.

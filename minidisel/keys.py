@@ -10,9 +10,9 @@ Two tables define the whole mapping, and ``docs/oracle.md`` prints them:
   suffix such as ``lora_A.weight``. DISeL gates use the suffixes of the DISeL
   reference implementation (``lora_disel_gate.linear.weight``, ...).
 
-Shapes are written with symbols and resolved by :func:`dimension_sizes`:
+Shapes are written with symbols, which :func:`dimension_sizes` resolves:
 ``V`` vocabulary, ``D`` model width, ``P`` max positions, ``H*K`` query width,
-``G*K`` key/value width, ``F`` MLP width; for adapters ``in`` and ``out`` are
+``G*K`` key/value width, ``F`` MLP width. For adapters, ``in`` and ``out`` are
 the adapted layer's widths, ``R`` the rank and ``D_b`` the gate's bottleneck.
 """
 

@@ -8,9 +8,10 @@ A DISeL adapter is stored as the DISeL reference implementation stores it: a
 ``disel_gate_bottleneck_dim`` and ``disel_gate_lr_multiplier``, and gate
 tensors under ``…lora_disel_gate.…``.
 
-Loading is strict. Each ``adapter_config.json`` field is required, mapped,
-accepted only at the value that turns a feature off, or ignored as metadata;
-an unknown field is accepted only when its value is null, false or empty.
+Loading is strict. Each known ``adapter_config.json`` field is required and
+mapped, accepted only at the value that turns a feature off, or ignored as
+metadata. An unknown field is accepted only when its value is null, false or
+empty.
 """
 
 import re

@@ -15,6 +15,7 @@ pytest.importorskip("transformers", reason="the interop tests need transformers:
 
 from minidisel.cli import main  # noqa: E402
 from minidisel.hf import read_safetensors, write_safetensors  # noqa: E402
+from minidisel.oracle import verify_candidate  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "oracle.md"
 EXPORTS = {
@@ -64,7 +65,8 @@ def verify(golden, candidate, capsys):
     capsys.readouterr()
     status = main(["oracle", "verify", str(golden), str(candidate)])
     report = capsys.readouterr().out
-    print(report)
+    errors = [c.max_abs for c in verify_candidate(golden, candidate)[0] if np.isfinite(c.max_abs)]
+    print(f"{report}max abs error over the compared tensors: {max(errors):.3e}")
     return status, report
 
 

@@ -107,4 +107,5 @@ def test_base_to_hf_renames_every_tensor():
     config, params, _, _, _ = tiny_setup("llama")
     flat = base_to_hf(params)
     assert set(flat) == {hf_key(path) for path in base_shapes(config)}
-    assert "lm_head.weight" in flat and "model.norm.weight" in flat
+    assert "lm_head.weight" in flat
+    assert "model.norm.weight" in flat
