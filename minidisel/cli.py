@@ -72,12 +72,23 @@ def run_demo_command(args):
 
 def run_oracle_command(args):
     """Run ``minidisel oracle export`` or ``minidisel oracle verify``; return the exit status."""
+    if args.oracle_command == "verify":
+        return run_oracle_verify(args)
+    return run_oracle_export(args)
+
+
+def run_oracle_verify(args):
+    """Print the comparison report; return 0 if every tensor matches, else 1."""
     from minidisel import oracle
 
-    if args.oracle_command == "verify":
-        comparisons, atol, rtol = oracle.verify_candidate(args.dir, args.candidate, args.tolerance, args.atol, args.rtol)
-        print(oracle.format_report(comparisons, atol, rtol))
-        return 0 if all(c.passed for c in comparisons) else 1
+    comparisons, atol, rtol = oracle.verify_candidate(args.dir, args.candidate, args.tolerance, args.atol, args.rtol)
+    print(oracle.format_report(comparisons, atol, rtol))
+    return 0 if all(c.passed for c in comparisons) else 1
+
+
+def run_oracle_export(args):
+    """Write golden vectors for the configuration given on the command line."""
+    from minidisel import oracle
 
     targets = args.target_modules
     adapter_config = AdapterConfig(

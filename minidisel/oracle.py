@@ -32,7 +32,7 @@ from autograd import value_and_grad
 from minidisel import __version__
 from minidisel.adapters import adapter_paths, init_adapters
 from minidisel.checkpoint import CheckpointError, read_json, read_npz, save_json
-from minidisel.config import AdapterConfig, ModelConfig
+from minidisel.config import AdapterConfig, ModelConfig, check_int
 from minidisel.hf import read_safetensors, save_hf_model, write_safetensors
 from minidisel.keys import adapters_to_peft, base_to_hf, peft_module
 from minidisel.model import forward, init_params
@@ -44,12 +44,10 @@ GOLDEN_FORMAT = "minidisel-golden"
 GOLDEN_VERSION = 1
 GOLDEN_FILE = "golden.safetensors"
 MANIFEST_FILE = "manifest.json"
-OUTPUT_PREFIXES = ("gates.", "grads.")
-OUTPUT_NAMES = ("logits", "loss")
 
 # Recommended bounds |candidate - golden| <= atol + rtol·|golden|. In float64
-# two exact implementations differ by rounding only (below 1e-14 on the golden
-# models). NOTE: the float32 preset is an estimate: docs/oracle.md's PyTorch
+# two exact implementations differ by rounding only (up to about 1e-14 on the
+# golden models). NOTE: the float32 preset is an estimate: docs/oracle.md's PyTorch
 # script in float32 stayed below 1.1e-6 on the default export, and larger
 # models accumulate more rounding.
 TOLERANCES = {
@@ -173,7 +171,9 @@ def export_golden(folder, model_config, adapter_config, seed=0, batch_size=2, se
         raise ValueError(f"golden vectors need a float64 ModelConfig, got {model_config!r}")
     if not isinstance(adapter_config, AdapterConfig):
         raise TypeError(f"adapter_config must be an AdapterConfig, got {type(adapter_config).__name__}")
-    if not 1 <= seq_len <= model_config.max_seq_len:
+    check_int("batch_size", batch_size)
+    check_int("seq_len", seq_len)
+    if seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len must be in [1, {model_config.max_seq_len}] (max_seq_len), got {seq_len}")
 
     params, adapters, tokens, targets = golden_case(model_config, adapter_config, seed, batch_size, seq_len)

@@ -171,6 +171,8 @@ def test_cli_export_rejects_bad_options(tmp_path, capsys):
     assert "gate_bottleneck_dim must be >= 1" in capsys.readouterr().err
     assert main(["oracle", "export", str(tmp_path), "--seq-len", "40"]) == 2
     assert "seq_len must be in [1, 16]" in capsys.readouterr().err
+    assert main(["oracle", "export", str(tmp_path), "--batch-size", "0"]) == 2
+    assert "batch_size must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_export_is_reproducible(tmp_path):
