@@ -60,9 +60,9 @@ def read_safetensors(path):
                         "convert the file to float32 first (in PyTorch: tensor.float())"
                     )
             return {key: file.get_tensor(key) for key in keys}
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, ValueError, TypeError) as error:
-        if isinstance(error, CheckpointError):
-            raise
         raise CheckpointError(f"cannot read safetensors file {path}: {error}") from error
 
 

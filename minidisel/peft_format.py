@@ -113,10 +113,14 @@ def check_fields(config, source):
             raise CheckpointError(f"{source}: unknown option {name}={value!r} is not supported")
 
 
+def block_layer_names(model_config, target_modules=ALL_LINEAR):
+    """Return the Hugging Face names of the blocks' linear layers called ``target_modules``."""
+    return [hf_key(path) for path in adapter_paths(model_config, AdapterConfig(target_modules=target_modules))]
+
+
 def module_names(model_config):
-    """Return the Hugging Face names of every linear layer of the blocks, the head and the embedding."""
-    layers = [hf_key(path) for path in adapter_paths(model_config, AdapterConfig(target_modules=ALL_LINEAR))]
-    return layers + [hf_key("embed_tokens"), "lm_head"]
+    """Return the Hugging Face names of every module PEFT could adapt: block layers, embedding and head."""
+    return block_layer_names(model_config) + [hf_key("embed_tokens"), "lm_head"]
 
 
 def peft_matches(pattern, key):
@@ -136,7 +140,7 @@ def resolve_targets(config, model_config, source):
     if not isinstance(targets, (str, list)) or (excluded is not None and not isinstance(excluded, (str, list))):
         raise CheckpointError(f"{source}: target_modules and exclude_modules must be strings or lists of names")
     if targets == ALL_LINEAR:
-        targets = [name.rsplit(".", 1)[-1] for name in module_names(model_config)[:-2]]
+        targets = block_layer_names(model_config)  # as PEFT: every linear layer but the output head
 
     chosen = [
         name for name in module_names(model_config)
@@ -150,8 +154,7 @@ def resolve_targets(config, model_config, source):
 
     # minidisel adapts the same layer names in every block
     names = tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for name in chosen))
-    expected = [hf_key(path) for path in adapter_paths(model_config, AdapterConfig(target_modules=names))]
-    if sorted(expected) != sorted(chosen):
+    if sorted(block_layer_names(model_config, names)) != sorted(chosen):
         raise CheckpointError(
             f"{source}: target_modules adapts {', '.join(names)} in some blocks only; minidisel adapts "
             "the same layers in every block"

@@ -42,7 +42,7 @@ def test_llama_logits_match_transformers(n_kv_heads, tmp_path, monkeypatch):
     assert error < 1e-10
 
 
-def test_llama_without_float64_internals_is_float32_close(tmp_path):
+def test_unpatched_llama_is_float32_close(tmp_path):
     # transformers 5.x rounds RMSNorm and rotary tables to float32 even in a float64 model
     model = tiny_llama(2)
     config, params = load_into_minidisel(model, tmp_path)
