@@ -273,10 +273,10 @@ def gates_of(x, adapter, settings, mode):
 
 def normalized_rows(x, eps, center):
     """Return ``x̂`` and ``1/σ`` per row: LayerNorm (``center``) or RMSNorm statistics."""
-    if center:
-        x = x - x.mean(axis=-1, keepdims=True)
+    x = x - x.mean(axis=-1, keepdims=True) if center else x.copy()
     inv_std = 1.0 / numpy.sqrt(numpy.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
-    return x * inv_std, inv_std
+    x *= inv_std
+    return x, inv_std
 
 
 @primitive
@@ -292,8 +292,10 @@ def layer_norm_map(x, w, b, eps):
     The middle term removes the component along the constant vector (from
     ``μ``), the last the component along ``x̂`` (from ``σ²``).
     """
-    x_hat, _ = normalized_rows(x, eps, center=True)
-    return x_hat * w + b
+    y, _ = normalized_rows(x, eps, center=True)
+    y *= w
+    y += b
+    return y
 
 
 def norm_vjp(center):
@@ -306,11 +308,13 @@ def norm_vjp(center):
             x_hat, inv_std = normalized_rows(x, eps, center)
             grads = {1: lambda: sum_rows(g * x_hat), 2: lambda: sum_rows(g)}
             if 0 in argnums:
-                x_hat_bar = g * w
-                projection = numpy.mean(x_hat_bar * x_hat, axis=-1, keepdims=True)
+                x_bar = g * w  # x̂̄, turned into x̄ in place
+                projection = numpy.mean(x_bar * x_hat, axis=-1, keepdims=True)
                 if center:
-                    x_hat_bar = x_hat_bar - numpy.mean(x_hat_bar, axis=-1, keepdims=True)
-                grads[0] = lambda: inv_std * (x_hat_bar - x_hat * projection)
+                    x_bar -= numpy.mean(x_bar, axis=-1, keepdims=True)
+                x_bar -= x_hat * projection
+                x_bar *= inv_std
+                grads[0] = lambda: x_bar
             return tuple(grads[argnum]() for argnum in argnums)
 
         return vjp
@@ -330,8 +334,9 @@ def rms_norm_map(x, w, eps):
         x̄ = r (x̂̄ - x̂ ⊙ mean(x̂̄ ⊙ x̂)),   x̂̄ = ḡ ⊙ w,   r = 1 / sqrt(mean(x²) + ε)
         w̄ = Σ_N ḡ ⊙ x̂
     """
-    x_hat, _ = normalized_rows(x, eps, center=False)
-    return x_hat * w
+    y, _ = normalized_rows(x, eps, center=False)
+    y *= w
+    return y
 
 
 defvjp_argnums(rms_norm_map, norm_vjp(center=False))
