@@ -7,18 +7,22 @@ records one node per layer instead of one per small array operation, and the
 backward pass runs a few large NumPy calls instead of many small ones.
 
 Notation of the derivations: ``ḡ`` is the gradient of the loss with respect
-to the primitive's output (the ``g`` a VJP receives), ``x̄`` the gradient with
-respect to its input ``x``, and so on; ``N`` is the number of tokens ``B·T``,
-since every per-token formula acts on rows of a ``(N, width)`` matrix.
+to the primitive's output (the ``g`` a VJP receives), and ``x̄`` is the
+gradient with respect to its input ``x``. ``N`` is the number of tokens
+``B·T``, because every per-token formula acts on the rows of an
+``(N, width)`` matrix.
 
-Tests compare every primitive with autograd's derivative of the plain
-formula and with finite differences, and compare the whole fused model with
-the plain one.
+autograd never sees inside a primitive: there the arrays are plain NumPy
+arrays, so the code may update its own fresh arrays in place (``y += b``),
+which the plain formulas must not do. Tests compare every primitive with
+autograd's derivative of the plain formula and with finite differences, and
+compare the whole fused model with the plain one.
 """
 
 import math
 from functools import lru_cache
 
+import autograd.numpy as anp
 import numpy
 from autograd.extend import defvjp, defvjp_argnums, primitive
 from scipy.special import erf, expit
@@ -47,9 +51,9 @@ def linear_map(x, W, b):
 
         x̄ = ḡ W            W̄ = ḡ^T x  (summed over all N tokens)            b̄ = Σ_N ḡ
 
-    ``W̄`` is one ``(out, N) @ (N, in)`` product over the flattened tokens; the
-    plain formula's batched product instead forms one ``(out, in)`` matrix per
-    batch row and then sums them.
+    ``W̄`` is one ``(out, N) @ (N, in)`` product over the flattened tokens.
+    autograd's gradient of the plain batched product instead forms one
+    ``(out, in)`` matrix per batch row and then sums them.
     """
     y = rows(x) @ W.T
     if b is not None:
@@ -110,7 +114,7 @@ def adapter_activations(x_tilde, A, W_g, b_g, V, U, settings):
 def adapted_map(x, W, b, A, B, W_g, b_g, V, U, settings):
     """Return a linear layer plus its LoRA or DISeL update: (..., in) -> (..., out).
 
-    ``b``, ``W_g``, ``b_g``, ``V`` and ``U`` may be None. ``settings`` holds the
+    ``b``, ``W_g``, ``b_g``, ``V`` and ``U`` may be None. ``settings`` contains the
     constants: ``method``, ``scaling`` (``s``), ``gate_scale`` (``c``),
     ``gate_override``, the dropout ``keep`` mask (None without dropout) and
     ``dropout`` rate. Forward, per token:
@@ -145,52 +149,53 @@ def adapted_map(x, W, b, A, B, W_g, b_g, V, U, settings):
     return y.reshape(x.shape[:-1] + (W.shape[0],))
 
 
-def gate_gradients(z_bar, x_tilde, W_g, V, U, settings, wanted):
-    """Return the gradients of the gate parameters in ``wanted`` and ``c z̄`` mapped back to ``x̃``'s width.
+def gate_gradients(z_bar, x_tilde, W_g, V, U, settings, requested):
+    """Return the gradients of the gate parameters in ``requested`` and ``c z̄`` mapped back to ``x̃``'s width.
 
     ``z̄`` (N, R) is the gradient of the gate logits before the factor ``c``.
     """
     c_z_bar = settings["gate_scale"] * z_bar
-    grads = {"b_g": c_z_bar.sum(axis=0)} if "b_g" in wanted else {}
+    grads = {"b_g": c_z_bar.sum(axis=0)} if "b_g" in requested else {}
     if W_g is not None:
-        if "W_g" in wanted:
+        if "W_g" in requested:
             grads["W_g"] = c_z_bar.T @ x_tilde
         return grads, c_z_bar @ W_g
     zeta_bar = c_z_bar @ U  # (N, D_b)
-    if "U" in wanted:
+    if "U" in requested:
         grads["U"] = c_z_bar.T @ (x_tilde @ V.T)
-    if "V" in wanted:
+    if "V" in requested:
         grads["V"] = zeta_bar.T @ x_tilde
     return grads, zeta_bar @ V
 
 
-def adapted_map_gradients(g_out, wanted, x, W, b, A, B, W_g, b_g, V, U, settings):
-    """Return ``{argument name: gradient}`` of :func:`adapted_map` for the names in ``wanted``."""
+def adapted_map_gradients(g_out, requested, x, W, b, A, B, W_g, b_g, V, U, settings):
+    """Return ``{argument name: gradient}`` of :func:`adapted_map` for the names in ``requested``."""
     g_rows, x_rows = rows(g_out), rows(x)
     x_tilde = dropped_out(x_rows, settings)
     u, g = adapter_activations(x_tilde, A, W_g, b_g, V, U, settings)
     grads = {}
-    if "W" in wanted:
+    if "W" in requested:
         grads["W"] = g_rows.T @ x_rows
-    if "b" in wanted:
+    if "b" in requested:
         grads["b"] = g_rows.sum(axis=0)
-    if "B" in wanted:
+    if "B" in requested:
         grads["B"] = g_rows.T @ (settings["scaling"] * (u if g is None else g * u))
 
     h_bar = settings["scaling"] * (g_rows @ B)  # (N, R)
     u_bar = h_bar if g is None else h_bar * g
-    if "A" in wanted:
+    if "A" in requested:
         grads["A"] = u_bar.T @ x_tilde
-    x_tilde_bar = u_bar @ A if "x" in wanted else None
-    gate_names = {"W_g", "b_g", "V", "U"} & set(wanted)
-    if gate_names and settings["gate_override"] is not None:
-        grads.update({name: numpy.zeros_like(p) for name, p in zip(("W_g", "b_g", "V", "U"), (W_g, b_g, V, U))})
-    elif g is not None and (gate_names or "x" in wanted):
-        gate_grads, gate_x_bar = gate_gradients(h_bar * u * g * (1.0 - g), x_tilde, W_g, V, U, settings, wanted)
+    x_tilde_bar = u_bar @ A if "x" in requested else None
+    gate_parameters = {"W_g": W_g, "b_g": b_g, "V": V, "U": U}
+    gated = g is not None and settings["gate_override"] is None
+    if gated:
+        gate_grads, gate_x_bar = gate_gradients(h_bar * u * g * (1.0 - g), x_tilde, W_g, V, U, settings, requested)
         grads.update(gate_grads)
         x_tilde_bar = None if x_tilde_bar is None else x_tilde_bar + gate_x_bar
+    else:  # no gate, or a constant one: the gate parameters do not change the output
+        grads.update({name: numpy.zeros_like(p) for name, p in gate_parameters.items() if name in requested})
 
-    if "x" in wanted:
+    if "x" in requested:
         if settings["keep"] is not None:
             x_tilde_bar = numpy.where(settings["keep"], x_tilde_bar / (1.0 - settings["dropout"]), 0.0)
         x_bar = g_rows @ W
@@ -203,11 +208,11 @@ ADAPTED_MAP_ARGUMENTS = ("x", "W", "b", "A", "B", "W_g", "b_g", "V", "U")
 
 
 def adapted_map_vjp(argnums, ans, args, kwargs):
-    wanted = [ADAPTED_MAP_ARGUMENTS[argnum] for argnum in argnums]
+    requested = [ADAPTED_MAP_ARGUMENTS[argnum] for argnum in argnums]
 
     def vjp(g):
-        grads = adapted_map_gradients(g, wanted, *args, **kwargs)
-        return tuple(grads[name] for name in wanted)
+        grads = adapted_map_gradients(g, requested, *args, **kwargs)
+        return tuple(grads[name] for name in requested)
 
     return vjp
 
@@ -257,8 +262,6 @@ def project(x, base, adapter, mode, with_gates=False):
 
 def gates_of(x, adapter, settings, mode):
     """Return the DISeL gates ``(..., R)`` of input ``x`` with the plain autograd formula."""
-    import autograd.numpy as anp
-
     x_tilde = x
     if settings["keep"] is not None:
         x_tilde = anp.where(settings["keep"].reshape(x.shape), x / (1.0 - settings["dropout"]), 0.0)

@@ -147,6 +147,21 @@ def test_adapted_projection_gate_override(override):
     assert np.all(gradients["W_g"] == 0.0) and np.all(gradients["b_g"] == 0.0)
 
 
+@pytest.mark.parametrize("override", [None, 0.4])
+@pytest.mark.parametrize("fields", ADAPTER_CASES)
+def test_adapted_projection_input_gradient_alone(fields, override):
+    config, params = adapter_parameters(fields, bias=False)
+    weights = np.random.default_rng(5).standard_normal((2, 3, 4))
+
+    def input_gradient(project):
+        def loss(x):
+            return np.sum(projection(project, config, gate_override=override)({**params, "x": x}) * weights)
+
+        return grad(loss)(params["x"])
+
+    assert_close_ulps(input_gradient(fused.project), input_gradient(plain_project), reduction=5)
+
+
 @pytest.mark.parametrize("fields", [{"method": "disel"}, {"method": "disel", "gate_bottleneck_dim": 2, "lora_dropout": 0.25}])
 def test_adapted_projection_returns_plain_gates(fields):
     config, params = adapter_parameters(fields, bias=True)
