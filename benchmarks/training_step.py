@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from autograd import value_and_grad
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -96,9 +97,10 @@ def initial_weights(case):
 
 
 class MinidiselStep:
-    """minidisel's training step, as :func:`minidisel.train.train` runs it."""
+    """minidisel's training step, as :func:`minidisel.train.train` runs it (``leafwise=False``: autograd's own
+    ``value_and_grad``, as before :mod:`minidisel.autodiff`)."""
 
-    def __init__(self, case, batch, fused):
+    def __init__(self, case, batch, fused, leafwise=True):
         self.config, self.adapter_config = case.model_config(), case.adapter_config()
         params, adapters = initial_weights(case)
         self.trainable, self.frozen = (params, None) if adapters is None else (adapters, params)
@@ -108,7 +110,7 @@ class MinidiselStep:
         def loss(trainable, frozen, batch, rng):
             return language_model_loss(trainable, frozen, batch, rng, self.config, self.adapter_config, fused)
 
-        self.loss_and_grad = leafwise_value_and_grad(loss)
+        self.loss_and_grad = leafwise_value_and_grad(loss) if leafwise else value_and_grad(loss)
 
     def __call__(self):
         loss, grads = self.loss_and_grad(self.trainable, self.frozen, self.batch, self.rng)
