@@ -196,17 +196,29 @@ def table_row(case, times):
     return "| " + " | ".join(cells) + " |"
 
 
+# Starts the demo from a small intermediate Python process and prints the demo's peak RSS. Linux
+# carries a process's peak RSS across fork and exec, so a child of this benchmark (itself several
+# hundred MiB with PyTorch loaded) would report at least the benchmark's own size.
+PEAK_RSS_PROBE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def run_demo():
     """Run ``python -m minidisel demo`` with a fresh cache; return (wall seconds, peak RSS in MiB, exit code)."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, MINIDISEL_CACHE=cache, PYTHONPATH=str(ROOT))
         started = time.perf_counter()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "minidisel", "demo"], env=env, stdout=subprocess.DEVNULL, cwd=ROOT
+        probe = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS_PROBE, sys.executable, "-m", "minidisel", "demo"],
+            env=env, cwd=ROOT, capture_output=True, text=True, check=True,
         )
-        _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
-    return seconds, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+    code, peak_kib = map(int, probe.stdout.split())
+    return seconds, peak_kib / 1024, code
 
 
 def blas_description():
@@ -257,7 +269,9 @@ def limit_threads(threads):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="model sizes to time")
+    parser.add_argument(
+        "--sizes", nargs="*", default=list(SIZES), choices=list(SIZES), help="model sizes to time (none: only --demo)"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="training methods")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES, help="floating-point types")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per configuration (default: 6)")
@@ -273,10 +287,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    limiter = limit_threads(args.threads)
-    kept = False if args.default_allocator else keep_freed_memory()
+def print_header(args, kept):
+    """Print the command, the machine and the settings of this run."""
     command = " ".join([Path(sys.executable).name, *sys.argv])
     print(f"command: `{command}`\n")
     print("\n".join(machine_description(args.threads)))
@@ -284,6 +296,9 @@ def main(argv=None):
     if torch is None:
         print("PyTorch is not installed: the PyTorch columns are skipped.\n")
 
+
+def print_step_table(args):
+    """Check and time every configuration, printing one table row each."""
     print("| configuration | fused ms | plain ms | PyTorch ms | fused / PyTorch (wall) | fused / PyTorch (CPU) |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
@@ -293,6 +308,19 @@ def main(argv=None):
                 check_same_losses(case, args.plain)
                 times = time_case(case, args.rounds, args.steps, args.warmup, args.plain)
                 print(table_row(case, times), flush=True)
+    print(
+        "\nBefore timing, every implementation gave the same losses over 3 steps from the same weights "
+        "(relative tolerance 1e-9 in float64, 1e-4 in float32)."
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    limiter = limit_threads(args.threads)
+    kept = False if args.default_allocator else keep_freed_memory()
+    print_header(args, kept)
+    if args.sizes:
+        print_step_table(args)
 
     if args.demo:
         if limiter is not None:
