@@ -1,13 +1,18 @@
-"""Measure what each speed-up contributes to one training step, in one process.
+"""Measure what the fused layers and the leafwise gradients each contribute to one training step.
 
 Variants: the plain or the fused layer functions, differentiated by
 autograd's ``value_and_grad`` (which traces the parameter tree as one
-container) or by :func:`minidisel.autodiff.leafwise_value_and_grad`; each first
-with glibc's default malloc thresholds, then after
-:func:`minidisel.allocator.keep_freed_memory` (which cannot be undone within a
-process, so the default-allocator rounds come first). PyTorch's step runs in
-the same rounds as a yardstick. Rounds alternate the variants; the table
-gives the median CPU milliseconds per step and the minor page faults per step.
+container) or by :func:`minidisel.autodiff.leafwise_value_and_grad`, with
+PyTorch's step as a yardstick, all in one process and in alternating rounds.
+The table gives the median CPU milliseconds per step and the minor page
+faults per step.
+
+glibc adjusts its malloc thresholds to the largest block a process has
+freed, so in a process that runs several variants, each one's page faults
+depend on the others. The allocator's effect is therefore measured one
+variant per fresh process, by ``profile_step.py``; here freed memory is kept
+(:func:`minidisel.allocator.keep_freed_memory`, as the CLI does) unless
+``--default-allocator`` is given.
 
     python benchmarks/ablation.py demo disel float64
 """
@@ -57,11 +62,13 @@ def main(argv=None):
     parser.add_argument("size", choices=list(SIZES))
     parser.add_argument("method", choices=METHODS)
     parser.add_argument("dtype", choices=DTYPES)
-    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per allocator setting (default: 6)")
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds (default: 8)")
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per round (default: 5)")
+    parser.add_argument("--default-allocator", action="store_true", help="do not call keep_freed_memory()")
     args = parser.parse_args(argv)
 
     limit_threads(1)
+    kept = False if args.default_allocator else keep_freed_memory()
     case = Case(args.size, args.method, args.dtype)
     batch = make_batch(case.model_config(), np.random.default_rng(2))
     steps = {name: MinidiselStep(case, batch, **options) for name, options in VARIANTS.items()}
@@ -71,16 +78,12 @@ def main(argv=None):
         for _ in range(3):
             step()
 
-    print(f"{case.name}, 1 BLAS thread, median CPU ms per step (minor page faults per step)\n")
-    print("| variant | glibc default thresholds | keep_freed_memory() |")
+    results = measure(steps, args.rounds, args.steps)
+    print(f"{case.name}, 1 BLAS thread, freed memory kept: {'yes' if kept else 'no'}\n")
+    print("| variant | median CPU ms per step | minor page faults per step |")
     print("|---|---|---|")
-    default = measure(steps, args.rounds, args.steps)
-    applied = keep_freed_memory()
-    kept = measure(steps, args.rounds, args.steps)
-    for name in steps:
-        print(f"| {name} | {default[name][0]:.1f} ({default[name][1]:.0f}) | {kept[name][0]:.1f} ({kept[name][1]:.0f}) |")
-    if not applied:
-        print("\nkeep_freed_memory() did not apply (not glibc), so both columns use the default thresholds")
+    for name, (milliseconds, faults) in results.items():
+        print(f"| {name} | {milliseconds:.1f} | {faults:.0f} |")
 
 
 if __name__ == "__main__":

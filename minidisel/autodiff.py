@@ -40,9 +40,21 @@ def leafwise_value_and_grad(fun):
         if vspace(value).size != 1:
             raise TypeError(f"the function must return a scalar, got a value of shape {vspace(value).shape}")
         gradients = backward_to_leaves(vspace(value).ones(), end_node, starts)
-        return value, unflatten({path: gradients.get(path, vspace(leaf).zeros()) for path, leaf in flat.items()})
+        return value, unflatten({path: gradient_like(gradients.get(path), leaf) for path, leaf in flat.items()})
 
     return value_and_grad
+
+
+def gradient_like(gradient, leaf):
+    """Return ``gradient`` with ``leaf``'s dtype (zeros if None), as autograd's container gradients have.
+
+    A float32 parameter can receive a float64 gradient when the loss is
+    computed in float64; autograd adds container gradients into zeros of the
+    parameter's dtype, and this keeps the same contract.
+    """
+    if gradient is None:
+        return vspace(leaf).zeros()
+    return gradient.astype(leaf.dtype, copy=False) if hasattr(leaf, "dtype") else gradient
 
 
 def backward_to_leaves(g, end_node, starts):

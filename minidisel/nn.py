@@ -117,4 +117,4 @@ def cross_entropy(logits, targets, mask):
     V = logits.shape[-1]
     one_hot = targets[..., None] == np.arange(V)  # (B, T, V) constant
     nll = -np.sum(np.where(one_hot, log_probs, 0.0), axis=-1)  # (B, T)
-    return np.sum(np.where(mask, nll, 0.0)) / np.sum(mask)
+    return np.sum(np.where(mask, nll, 0.0)) / np.sum(mask, dtype=logits.dtype)  # a float32 count keeps float32

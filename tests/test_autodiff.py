@@ -49,3 +49,10 @@ def test_leafwise_constant_function_gives_zeros():
 def test_leafwise_rejects_non_scalar():
     with pytest.raises(TypeError, match="must return a scalar"):
         leafwise_value_and_grad(lambda t: t["w"] * 2.0)({"w": np.ones(3)})
+
+
+def test_leafwise_keeps_float32_gradients():
+    tree = {"w": np.ones(3, dtype=np.float32)}
+    value, gradients = leafwise_value_and_grad(lambda t: anp.sum(t["w"]) / np.int64(3))(tree)
+    assert gradients["w"].dtype == np.float32
+    assert np.allclose(gradients["w"], 1.0 / 3.0)

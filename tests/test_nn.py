@@ -77,3 +77,9 @@ def test_cross_entropy_averages_masked_positions():
     log_probs = scipy.special.log_softmax(logits, axis=-1)
     picked = [-log_probs[b, t, targets[b, t]] for b in range(2) for t in range(3) if mask[b, t]]
     assert cross_entropy(logits, targets, mask) == pytest.approx(np.mean(picked), rel=1e-14)
+
+
+def test_cross_entropy_keeps_float32():
+    logits = np.random.default_rng(4).standard_normal((2, 3, 5)).astype(np.float32)
+    loss = cross_entropy(logits, np.zeros((2, 3), dtype=int), np.ones((2, 3), dtype=bool))
+    assert loss.dtype == np.float32
