@@ -9,8 +9,8 @@ faults per step.
 
 glibc adjusts its malloc thresholds to the largest block a process has
 freed, so in a process that runs several variants, each one's page faults
-depend on the others. The allocator's effect is therefore measured one
-variant per fresh process, by ``profile_step.py``; here freed memory is kept
+depend on the others. ``profile_step.py`` therefore measures the
+allocator's effect, one variant per fresh process. Here freed memory is kept
 (:func:`minidisel.allocator.keep_freed_memory`, as the CLI does) unless
 ``--default-allocator`` is given.
 

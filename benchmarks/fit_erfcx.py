@@ -1,10 +1,10 @@
 """Fit the rational approximation of the scaled complementary error function that the float32 GELU uses.
 
-The fused GELU needs the normal CDF ``Φ`` on every activation of the MLP,
-and SciPy's ``erf`` (a scalar routine applied element by element) costs
-about 3 ms per (32, 32, 256) array here, more than all other element-wise
-work of a training step. For float32 inputs
-:func:`minidisel.fused.normal_cdf` instead evaluates, in float32 NumPy
+The fused GELU needs the normal CDF ``Φ`` on every activation of the MLP.
+SciPy's ``erf`` and ``erfc`` (scalar routines applied element by element)
+cost about 3 ms per (32, 32, 256) array here, more than all other
+element-wise work of a training step. For float32 inputs
+:func:`minidisel.fused.lower_tail` instead evaluates, in float32 NumPy
 operations on the whole block,
 
     Φ(-|x|) = erfc(t) / 2 = exp(-t²) erfcx(t) / 2,   t = |x| / √2,

@@ -1,10 +1,10 @@
 """Profile minidisel's training step for one configuration and measure its memory churn.
 
-Prints, per step: CPU milliseconds, minor page faults (fresh pages the kernel
-had to map in, first with glibc's default malloc thresholds, then after
-:func:`minidisel.allocator.keep_freed_memory`) and the peak of NumPy memory
-traced by ``tracemalloc``; then a call-tree profile of the step from
-pyinstrument, or cProfile's CPU-time table when pyinstrument is missing.
+Prints, per step, CPU milliseconds and minor page faults (fresh pages the
+kernel had to map in), first with glibc's default malloc thresholds, then
+after :func:`minidisel.allocator.keep_freed_memory`. Then it prints the peak
+of NumPy memory traced by ``tracemalloc`` and a call-tree profile of the
+step from pyinstrument, or cProfile's CPU-time table without pyinstrument.
 
     python benchmarks/profile_step.py demo disel float32 [--plain]
 """
@@ -38,7 +38,7 @@ def churn(step, n_steps):
 
 
 def traced_peak(step):
-    """Return the peak NumPy and Python memory (MiB) that ``tracemalloc`` sees during one step."""
+    """Return the peak NumPy and Python memory (MiB) that ``tracemalloc`` records during one step."""
     tracemalloc.start()
     step()
     _, peak = tracemalloc.get_traced_memory()

@@ -2,9 +2,9 @@
 
 It mirrors :mod:`minidisel.model` (learned positions, pre-norm LayerNorm
 blocks, exact GELU, biases everywhere, output head tied to the token
-embedding) and :mod:`minidisel.adapters`, and loads its weights from
+embedding) and :mod:`minidisel.adapters`. It loads its weights from
 minidisel's parameter trees, so the benchmark can first check that both
-compute the same loss and gradients and then time them on equal terms.
+compute the same losses and then time them on equal terms.
 """
 
 import math

@@ -4,9 +4,9 @@ A training step is the forward pass, the backward pass, gradient clipping and
 the AdamW update, on one fixed batch of random tokens with every position
 scored. For each configuration the script first checks that minidisel (fused
 and plain) and the PyTorch copy in ``torch_reference.py`` compute the same
-losses over three steps from the same weights, then times them in rounds that
-alternate the implementations, so that changes in the machine's load hit all
-of them alike. It reports medians, interquartile ranges and the ratio of
+losses over three steps from the same weights. It then times them in rounds
+that alternate the implementations, so that changes in the machine's load hit
+all of them alike. It reports medians, interquartile ranges and the ratio of
 minidisel's median to PyTorch's, in wall-clock and in CPU time.
 
 With ``--demo`` it also runs ``python -m minidisel demo`` (default settings,

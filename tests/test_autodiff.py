@@ -43,7 +43,8 @@ def test_leafwise_handles_shared_and_unused_leaves():
 def test_leafwise_constant_function_gives_zeros():
     tree = {"w": np.arange(3.0)}
     value, gradients = leafwise_value_and_grad(lambda t: 2.5)(tree)
-    assert value == 2.5 and np.array_equal(gradients["w"], np.zeros(3))
+    assert value == 2.5
+    assert np.array_equal(gradients["w"], np.zeros(3))
 
 
 def test_leafwise_rejects_non_scalar():
