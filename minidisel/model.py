@@ -20,9 +20,9 @@ Two sets of layer functions compute the same model. The plain set is the
 textbook formulas of :mod:`minidisel.nn` and :mod:`minidisel.adapters`,
 differentiated operation by operation by autograd. The fused set
 (:mod:`minidisel.fused`) computes each layer as one operation with a
-hand-written gradient, several times faster. ``forward(..., fused=True)``
-selects the fused set; tests check that both give the same outputs and
-gradients.
+hand-written gradient, which makes a training step up to two and a half times
+faster. ``forward(..., fused=True)`` selects the fused set; tests check that
+both give the same outputs and gradients.
 """
 
 from dataclasses import dataclass
