@@ -51,3 +51,14 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and item.module.__name__.endswith("test_tutorials"):
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} was skipped, but every tutorial notebook must run"
+
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """Report the tutorial test module as failed if it is skipped at collection (for example by importorskip)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and collector.nodeid.endswith("test_tutorials.py"):
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid} was skipped at collection, but every tutorial notebook must run"

@@ -39,6 +39,7 @@ from minidisel.tasks import make_task
 SEED = 0
 FINE_TUNE_SEEDS = (0, 1, 2)
 FINE_TUNE_STEPS = 60
+FINE_TUNE_BATCH = 8
 print(f"python {platform.python_version()}, numpy {numpy.__version__}, autograd {version('autograd')}, "
       f"scipy {version('scipy')}, matplotlib {version('matplotlib')}, "
       f"minidisel {minidisel.__version__} from {minidisel.__file__}")
@@ -82,7 +83,7 @@ print("base model:", {dist: f"NLL {base_eval[dist]['metrics']['nll']:.3f}" for d
 
 
 def recipe_for(rank, steps=FINE_TUNE_STEPS):
-    return Recipe(model=model_config, pretrain=pretrain_config, finetune_steps=steps, finetune_batch_size=16,
+    return Recipe(model=model_config, pretrain=pretrain_config, finetune_steps=steps, finetune_batch_size=FINE_TUNE_BATCH,
                   learning_rates=(("full", 3e-3), ("lora", 1e-2), ("disel", 1e-2)),
                   adapter=AdapterConfig(r=rank, lora_alpha=2.0 * rank), eval_size=256)
 
@@ -102,13 +103,13 @@ def fine_tune_and_evaluate(task, base, base_eval, eval_sets, method, rank, seed,
 
 
 variants = [("full", None), ("lora", 2), ("lora", 8), ("disel", 2), ("disel", 8)]
-runs, kept = {}, {}
+runs, first_seed = {}, {}
 for method, rank in variants:
     for seed in FINE_TUNE_SEEDS:
         runs[method, rank, seed], tuned, model = fine_tune_and_evaluate(
             task, base, base_eval, eval_sets, method, rank or 8, seed)
         if seed == SEED:
-            kept[method, rank] = (tuned, model)
+            first_seed[method, rank] = (tuned, model)
 print(f"{len(runs)} fine-tunes done")
 
 # %% [markdown]
@@ -193,41 +194,57 @@ assert rows["full", None]["forgetting"][0] < min(rows["lora", 8]["forgetting"][0
 # ## Per input: drift grows with how far the gates open
 #
 # DISeL's update at a token is $s \sum_i g_i(x)\, b_i\, a_i^\top x$: with every gate closed the model *is*
-# the base. We first force all gates to one value $c$ with `gate_override` and measure the drift
-# $\mathrm{KL}(\text{base} \,\|\, \text{tuned})$ on P: it is exactly zero at $c = 0$, and at $c = 1$ the model is
-# LoRA with the same $A$ and $B$.
+# the base. To see the gates' effect input by input, we force all gates to one value $c$ with
+# `gate_override` and measure, for every P sequence, its drift: the mean
+# $\mathrm{KL}(\text{base} \,\|\, \text{tuned})$ over its positions. At $c = 0$ the drift is exactly zero; at
+# $c = 1$ the model is LoRA with the same $A$ and $B$.
 
 # %%
-tuned, (params, adapters, adapter_config) = kept["disel", 8]
-overrides = [0.0, 0.25, 0.5, 0.75, 1.0]
-forced_drift = []
-for c in overrides:
-    logits, _ = predict(params, eval_sets["P"]["inputs"], model_config, adapters, adapter_config, gate_override=c)
-    forced_drift.append(kl_from_base(base_eval["P"]["logits"], logits, eval_sets["P"]["mask"]))
-print("gates forced to", overrides, "-> KL on P", numpy.round(forced_drift, 4))
-assert forced_drift[0] == 0.0
-assert all(later > earlier for earlier, later in zip(forced_drift, forced_drift[1:]))
+def drift_per_sequence(base_logits, logits, mask):
+    """Return each sequence's mean KL(base || tuned) over its scored positions: (B,)."""
+    log_base, log_tuned = log_softmax(base_logits), log_softmax(logits)
+    kl = numpy.sum(numpy.exp(log_base) * (log_base - log_tuned), axis=-1)  # (B, T)
+    return numpy.sum(kl * mask, axis=1) / numpy.sum(mask, axis=1)
+
+
+tuned, (params, adapters, adapter_config) = first_seed["disel", 8]
+mask = eval_sets["P"]["mask"]
+overrides = numpy.linspace(0.0, 1.0, 6)
+forced = numpy.stack([
+    drift_per_sequence(base_eval["P"]["logits"],
+                       predict(params, eval_sets["P"]["inputs"], model_config, adapters, adapter_config, gate_override=c)[0],
+                       mask)
+    for c in overrides
+], axis=1)  # (B, len(overrides))
+
+rising = numpy.mean(numpy.all(numpy.diff(forced, axis=1) > 0, axis=1))
+print(f"drift with all gates at c = 0: largest over P sequences {forced[:, 0].max()}")
+print(f"P sequences whose drift rises at every step of c: {rising:.0%}")
+assert numpy.all(forced[:, 0] == 0.0)
+assert numpy.all(forced[:, -1] > 0.0)
+assert rising > 0.9
+
+figure, axis = plt.subplots(figsize=(5.5, 3.5))
+axis.plot(overrides, forced[:40].T, color="tab:green", alpha=0.25, linewidth=0.8)
+axis.plot(overrides, forced.mean(axis=0), color="black", linewidth=2, label="mean over P sequences")
+axis.set_xlabel("every gate forced to c")
+axis.set_ylabel("drift of a P sequence (KL, nats)")
+axis.set_title("DISeL r = 8: one line per P sequence")
+axis.legend()
+figure.tight_layout()
 
 # %% [markdown]
-# The trained gates are not constant: they vary from input to input. For every P sequence we take its
-# mean gate (over positions, adapted layers and rank components) and its drift, the mean KL from the
-# base over its positions. Spearman's rank correlation $\rho$ measures whether more open gates go with
-# more drift.
+# With its own trained gates, the model opens them more on some P sequences than on others. Does more
+# open mean more drift here too? For every P sequence, its mean gate (over positions, adapted layers and
+# rank components) against its drift, with Spearman's rank correlation $\rho$:
 
 # %%
-def per_sequence(tuned, mask):
-    """Return each P sequence's mean gate and mean KL(base || tuned)."""
-    log_base, log_tuned = log_softmax(base_eval["P"]["logits"]), log_softmax(tuned["P"]["logits"])
-    kl = numpy.sum(numpy.exp(log_base) * (log_base - log_tuned), axis=-1)  # (B, T)
-    drift = numpy.sum(kl * mask, axis=1) / numpy.sum(mask, axis=1)
-    gates = numpy.mean([g.mean(axis=-1) for g in tuned["P"]["gates"].values()], axis=0)  # (B, T)
-    return gates.mean(axis=1), drift
-
-
 figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
 correlations = {}
 for axis, rank in zip(axes, (2, 8)):
-    gate, drift = per_sequence(kept["disel", rank][0], eval_sets["P"]["mask"])
+    tuned = first_seed["disel", rank][0]
+    drift = drift_per_sequence(base_eval["P"]["logits"], tuned["P"]["logits"], mask)
+    gate = numpy.mean([g.mean(axis=-1) for g in tuned["P"]["gates"].values()], axis=0).mean(axis=1)  # (B,)
     correlations[rank] = spearmanr(gate, drift)
     axis.scatter(gate, drift, s=6, color="tab:green")
     axis.set_xlabel("mean gate of a P sequence")
@@ -236,11 +253,14 @@ axes[0].set_ylabel("drift: mean KL(base || tuned)")
 figure.tight_layout()
 for rank, result in correlations.items():
     print(f"r = {rank}: rho = {result.statistic:.3f}, p = {result.pvalue:.2g}")
-assert correlations[8].statistic > 0.3 and correlations[8].pvalue < 1e-3
 
 # %% [markdown]
-# Forcing the gates shows the mechanism: drift rises with $c$ and vanishes with closed gates. Across the
-# trained model's own inputs the link depends on the run: compare the two ranks above.
+# Forcing the gates shows the mechanism input by input: every P sequence has zero drift with closed
+# gates and some with open ones, and for almost all of them (the share is printed above) the drift
+# rises at every step of $c$. Across the trained model's own inputs the picture is weaker. The mean gate
+# varies only a little from one P sequence to the next, and a single average over layers and components
+# ignores *which* components are open. Read $\rho$ and its $p$-value above before concluding anything; in
+# our runs the link came and went with the rank, the batch size and the seed.
 #
 # ## Where DISeL does not help, and why
 #
@@ -249,7 +269,7 @@ assert correlations[8].statistic > 0.3 and correlations[8].pvalue < 1e-3
 
 # %%
 for rank in (2, 8):
-    gates = kept["disel", rank][0]
+    gates = first_seed["disel", rank][0]
     mean_P = numpy.mean([g.mean() for g in gates["P"]["gates"].values()])
     mean_Q = numpy.mean([g.mean() for g in gates["Q"]["gates"].values()])
     print(f"DISeL r = {rank}: mean gate {mean_P:.3f} on P inputs, {mean_Q:.3f} on Q inputs")
@@ -338,8 +358,9 @@ print(f"notebook ran in {time.perf_counter() - started:.0f} s")
 # 2. **Gates or step size?** DISeL's gates sit about a third open on P and on Q alike, which shrinks its
 #    update like a smaller learning rate would. Fine-tune LoRA r = 8 with half the learning rate and
 #    place it on the trade-off figure next to DISeL r = 8. Does a slower LoRA do as well?
-# 3. **Per token, not per sequence.** Redo the drift-against-gate analysis with one point per token
-#    position instead of per sequence. Is the correlation stronger or weaker, and why?
+# 3. **Open gates are LoRA.** Build a LoRA adapter from DISeL r = 8's $A$ and $B$ (drop $W_g$ and $b_g$) and
+#    show that it gives exactly the logits of the DISeL model with every gate forced to 1. What does
+#    `gate_override=0.5` correspond to?
 #
 # Worked solutions follow; their cells are collapsed in JupyterLab.
 
@@ -355,14 +376,16 @@ for method in ("lora", "disel"):
         print(f"{method} r = {r}, seed {SEED}: Q NLL {by_rank[r]['Q']['nll']:.3f}, "
               f"forgetting {by_rank[r]['P']['nll'] - base_P:.3f}")
     assert by_rank[8]["Q"]["nll"] < by_rank[4]["Q"]["nll"] < by_rank[2]["Q"]["nll"]
-# In this fixed budget a higher rank learns Q further and forgets more: rank moves a method along
-# the trade-off curve, and rank 4 lands between ranks 2 and 8.
+# In this fixed budget a higher rank learns Q further, and rank 4 lands between ranks 2 and 8 on Q.
+# Forgetting on a single seed is noisier (compare the seed spreads in the table), so judge it from
+# the three-seed means, not from this one run.
 
 # %% [markdown]
 # ### Solution 2
 
 # %% jupyter={"source_hidden": true}
-slow_recipe = Recipe(model=model_config, pretrain=pretrain_config, finetune_steps=FINE_TUNE_STEPS, finetune_batch_size=16,
+slow_recipe = Recipe(model=model_config, pretrain=pretrain_config, finetune_steps=FINE_TUNE_STEPS,
+                     finetune_batch_size=FINE_TUNE_BATCH,
                      learning_rates=(("full", 3e-3), ("lora", 5e-3), ("disel", 1e-2)),
                      adapter=AdapterConfig(r=8, lora_alpha=16.0), eval_size=256)
 params, adapters, _ = finetune(base, task, "lora", slow_recipe, SEED)
@@ -374,21 +397,28 @@ for method in ("lora", "disel"):
     print(f"{method} r = 8, default rate:      Q NLL {run['Q']['nll']:.3f}, forgetting {run['P']['nll'] - base_P:.3f}")
 disel_2 = runs["disel", 2, SEED]
 print(f"disel r = 2, default rate:      Q NLL {disel_2['Q']['nll']:.3f}, forgetting {disel_2['P']['nll'] - base_P:.3f}")
-assert abs(slow["Q"]["metrics"]["nll"] - disel_2["Q"]["nll"]) < 0.05
+assert slow["Q"]["metrics"]["nll"] > disel_2["Q"]["nll"]
 assert slow["P"]["metrics"]["nll"] > disel_2["P"]["nll"]
-# Halving the rate moves LoRA along its own curve, to about the Q NLL of DISeL r = 2, and there DISeL
-# forgets less. So DISeL's smaller forgetting on this family is not just a smaller step size, even
-# though its gates are about as open on P as on Q.
+# Halving the rate moves LoRA back along its own curve, towards DISeL r = 2's score on Q, and DISeL
+# r = 2 is better on both axes: a lower NLL on Q and less forgetting. So on this seed DISeL's smaller
+# forgetting is not just a smaller step size, even though its gates are about as open on P as on Q.
 # %% [markdown]
 # ### Solution 3
 
 # %% jupyter={"source_hidden": true}
-tuned = kept["disel", 8][0]
-log_base, log_tuned = log_softmax(base_eval["P"]["logits"]), log_softmax(tuned["P"]["logits"])
-token_drift = numpy.sum(numpy.exp(log_base) * (log_base - log_tuned), axis=-1).ravel()
-token_gate = numpy.mean([g.mean(axis=-1) for g in tuned["P"]["gates"].values()], axis=0).ravel()
-print("per token: rho = {:.3f}".format(spearmanr(token_gate, token_drift).statistic))
-print("per sequence: rho = {:.3f}".format(correlations[8].statistic))
-assert spearmanr(token_gate, token_drift).statistic < correlations[8].statistic
-# Single tokens are noisier: a token's drift also depends on the gates at earlier positions, which reach
-# it through attention, and on how confident the base was there. Averaging over a sequence smooths both.
+tuned, (params, adapters, adapter_config) = first_seed["disel", 8]
+lora_config = AdapterConfig(method="lora", r=8, lora_alpha=16.0)
+as_lora = {"layers": {index: {group: {name: {"A": layer["A"], "B": layer["B"]} for name, layer in layers.items()}
+                              for group, layers in groups.items()}
+                      for index, groups in adapters["layers"].items()}}
+inputs = eval_sets["P"]["inputs"]
+open_gates, _ = predict(params, inputs, model_config, adapters, adapter_config, gate_override=1.0)
+lora_logits, _ = predict(params, inputs, model_config, as_lora, lora_config)
+print("largest difference:", numpy.abs(open_gates - lora_logits).max())
+assert numpy.allclose(open_gates, lora_logits, rtol=0, atol=1e-12)
+half_B = {"layers": {index: {group: {name: {"A": layer["A"], "B": 0.5 * layer["B"]} for name, layer in layers.items()}
+                             for group, layers in groups.items()}
+                     for index, groups in adapters["layers"].items()}}
+half_gates, _ = predict(params, inputs, model_config, adapters, adapter_config, gate_override=0.5)
+assert numpy.allclose(half_gates, predict(params, inputs, model_config, half_B, lora_config)[0], rtol=0, atol=1e-12)
+# A constant gate c scales every component by c, so gate_override=c is LoRA with B replaced by c·B.

@@ -24,7 +24,7 @@ import numpy
 
 import minidisel
 from minidisel import AdapterConfig, ModelConfig, TrainConfig, adapter_paths, forward
-from minidisel import model, nn
+from minidisel import nn
 from minidisel.adapters import gate_values
 from minidisel.experiment import Recipe, evaluate, evaluation_sets, finetune, pretrain
 from minidisel.metrics import mean_gates, predict, score
@@ -75,8 +75,9 @@ _, gate_tree = forward(params, inputs["P"], config, adapters, adapter_config, re
 gates_P = flatten(gate_tree)
 _, gates_Q = predict(params, inputs["Q"], config, adapters, adapter_config)  # the same, in chunks, flattened
 
-paths = [f"{path}" for path in adapter_paths(config, adapter_config)]
-assert list(gates_P) == paths and list(gates_Q) == paths
+paths = adapter_paths(config, adapter_config)
+assert list(gates_P) == paths
+assert list(gates_Q) == paths
 B, T = inputs["P"].shape
 for path in paths:
     assert gates_P[path].shape == (B, T, adapter_config.r)
@@ -125,7 +126,8 @@ figure.tight_layout()
 
 print(f"sigma(-3) = {1 / (1 + numpy.exp(3)):.4f}; trained mean gates range from {mean_Q.min():.3f} to {mean_Q.max():.3f}")
 print(f"largest |Q - P| difference of a component's mean gate: {numpy.abs(mean_Q - mean_P).max():.3f}")
-assert mean_Q.min() < 1 / (1 + numpy.exp(3)) and mean_Q.max() > 0.95
+assert mean_Q.min() < 1 / (1 + numpy.exp(3))
+assert mean_Q.max() > 0.95
 
 # %% [markdown]
 # ## Histograms by input distribution
@@ -230,14 +232,15 @@ axis.set_title("closing one adapted layer's gates")
 axis.legend()
 figure.tight_layout()
 
-most = paths[int(numpy.argmax(loss_on_Q))]
-print(f"closing {most} costs the most on Q: +{loss_on_Q.max():.3f} nats")
+costliest = paths[int(numpy.argmax(loss_on_Q))]
+print(f"closing {costliest} costs the most on Q: +{loss_on_Q.max():.3f} nats")
 print(f"open-gate fraction (mean gate on Q > 0.5): {numpy.mean(mean_Q > 0.5):.2f} of all components")
 near_edges = numpy.mean([numpy.mean((g < 0.1) | (g > 0.9)) for g in gates_Q.values()])
 print(f"fraction of gate values below 0.1 or above 0.9 on Q: {near_edges:.2f}")
-print(f"closing {most} lowers the NLL on P by {gain_on_P[paths.index(most)]:.3f}; "
+print(f"closing {costliest} lowers the NLL on P by {gain_on_P[paths.index(costliest)]:.3f}; "
       f"closing {paths[int(numpy.argmin(gain_on_P))]} raises it by {-gain_on_P.min():.3f}")
-assert gain_on_P[paths.index(most)] > 0 and gain_on_P.min() < 0
+assert gain_on_P[paths.index(costliest)] > 0
+assert gain_on_P.min() < 0
 
 # %% [markdown]
 # ## What this says about where adaptation happens
@@ -257,7 +260,7 @@ assert gain_on_P[paths.index(most)] > 0 and gain_on_P.min() < 0
 # ## Exercises
 #
 # 1. **One component at a time.** Close only the single largest component (by size) of the layer in
-#    `most`. How much of that layer's effect on Q does it carry?
+#    `costliest`. How much of that layer's effect on Q does it carry?
 # 2. **Which digits open a gate?** Take the adapted layer whose mean gate varies most from token to token,
 #    and compute its mean gate on Q for each input digit. Do some digits open it more than others?
 # 3. **Before training.** Read the gates of the freshly initialised adapter (`init_adapters` with the
@@ -269,10 +272,10 @@ assert gain_on_P[paths.index(most)] > 0 and gain_on_P.min() < 0
 # ### Solution 1
 
 # %% jupyter={"source_hidden": true}
-index = paths.index(most)
+index = paths.index(costliest)
 largest = int(numpy.argmax(sizes[index]))
-single = nll(close_components(adapters, most, [largest]), "Q") - full_Q
-print(f"closing component {largest} of {most}: +{single:.3f} nats on Q; the whole layer: +{loss_on_Q[index]:.3f}")
+single = nll(close_components(adapters, costliest, [largest]), "Q") - full_Q
+print(f"closing component {largest} of {costliest}: +{single:.3f} nats on Q; the whole layer: +{loss_on_Q[index]:.3f}")
 # Components of one layer do not simply add up: the loss is not linear in them, so compare the two
 # numbers as "how much of the layer's effect one direction carries", not as a share that must sum to 1.
 
