@@ -3,8 +3,8 @@
 The kernel is ipykernel's ``python3``, started in ``tutorials/`` with the
 repository root first on ``PYTHONPATH``, so the notebooks import this
 checkout's minidisel and not another installed copy. Each notebook must finish
-within ``TIME_LIMIT_SECONDS``; a notebook that is skipped, fails or is not
-executed fails the suite (see ``pytest_runtest_makereport`` in conftest.py).
+within ``TIME_LIMIT_SECONDS``. A notebook that is skipped, fails or is not
+executed fails the suite (see the hooks in conftest.py).
 """
 
 import os
@@ -34,7 +34,7 @@ def kernel_environment():
 
 
 def execute(notebook):
-    """Run ``notebook`` (a NotebookNode) in a fresh python3 kernel; return it with outputs and the seconds taken."""
+    """Run ``notebook`` (a NotebookNode) in a fresh python3 kernel. Return it, now with outputs, and the seconds taken."""
     client = NotebookClient(
         notebook,
         timeout=CELL_TIMEOUT_SECONDS,
@@ -97,7 +97,7 @@ def test_notebook_has_no_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
-def test_notebook_has_kernel_and_python(path):
+def test_notebook_is_valid_for_python3(path):
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
     assert notebook.metadata["kernelspec"]["name"] == "python3"
