@@ -279,10 +279,11 @@ assert final[4] < 1e-3 * sigma[1] ** 2 / d
 #    together) and show the update is unchanged. Then permute only $A$'s rows: what happens?
 # 2. **What did rank 1 learn?** Compare the trained rank-1 $\Delta W$ with the top singular pair of
 #    $\Delta^\star$ (use `numpy.linalg.svd`).
-# 3. **Counts at scale.** LLaMA-2-7B has 32 blocks of width 4096 with an MLP of width 11008 (Touvron et
-#    al., 2023, *Llama 2*, Table 1 and the released config). The DISeL paper (Zindari et al., 2026,
-#    *Learning When to Adapt*) adapts all its linear layers with $r = 64$. Count LoRA's and DISeL's
-#    trainable parameters as a fraction of the linear weights.
+# 3. **Counts at scale.** LLaMA-2-7B has 32 blocks of width 4096 with an MLP of width 11008 (`hidden_size`,
+#    `intermediate_size` and `num_hidden_layers` of the released `Llama-2-7b-hf` configuration). The DISeL
+#    paper's recipe for it (Zindari et al., 2026, *Learning When to Adapt*, arXiv 2605.19028) adapts all its
+#    linear layers with $r = 64$. Count LoRA's and DISeL's trainable parameters as a fraction of the
+#    linear weights.
 #
 # Worked solutions follow; their cells are collapsed in JupyterLab.
 

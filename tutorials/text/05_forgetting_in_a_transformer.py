@@ -355,8 +355,8 @@ print(f"notebook ran in {time.perf_counter() - started:.0f} s")
 #
 # 1. **Ranks and seeds.** Add rank 4 for LoRA and DISeL to the `markov` experiment. Does it sit between
 #    ranks 2 and 8 on the trade-off figure?
-# 2. **Gates or step size?** DISeL's gates sit about a third open on P and on Q alike, which shrinks its
-#    update like a smaller learning rate would. Fine-tune LoRA r = 8 with half the learning rate and
+# 2. **Gates or step size?** DISeL's gates are partly open, on P and on Q alike (the mean gates are
+#    printed above), which shrinks its update as a smaller learning rate would. Fine-tune LoRA r = 8 with half the learning rate and
 #    place it on the trade-off figure next to DISeL r = 8. Does a slower LoRA do as well?
 # 3. **Open gates are LoRA.** Build a LoRA adapter from DISeL r = 8's $A$ and $B$ (drop $W_g$ and $b_g$) and
 #    show that it gives exactly the logits of the DISeL model with every gate forced to 1. What does
