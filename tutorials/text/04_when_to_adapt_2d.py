@@ -317,12 +317,10 @@ for row, (name, table) in enumerate(sweeps.items()):
         figure.colorbar(image, ax=axis, shrink=0.8)
 figure.tight_layout()
 
-# in the separated geometry a more negative starting bias never increases the change on P
-# at the default gate learning rate
 default_column = multipliers.index(5.0)
 print("separated, multiplier 5: change on P by bias", numpy.round(sweeps[separated.name]["change on P"][:, default_column], 3))
 print("between,   multiplier 5: change on P by bias", numpy.round(sweeps[between.name]["change on P"][:, default_column], 3))
-assert sweeps[separated.name]["change on P"][:, default_column].max() < lora_change[separated.name]
+assert sweeps[separated.name]["change on P"].max() < 0.5 * lora_change[separated.name]
 
 # among the settings that fit Q, the smallest change on P in each geometry
 for name, table in sweeps.items():
@@ -333,8 +331,8 @@ smallest = {name: table["change on P"][table["error on Q"] < 0.1].min() for name
 assert smallest[between.name] > 5 * smallest[separated.name]
 
 # %% [markdown]
-# Read the two rows of maps together. In the separated geometry DISeL keeps P close to the base for
-# most settings, while still fitting Q where the gates can open in time. With P between the origin
+# Read the two rows of maps together. In the separated geometry DISeL changes P far less than LoRA in
+# every setting of the grid, and still fits Q wherever the gates can open in time. With P between the origin
 # and Q, no setting in the grid keeps P as untouched as in the separated geometry: a more closed start
 # or a slower gate delays the opening, but the gate that finally opens on Q opens on P as well: among the
 # settings that fit Q, the smallest change on P is many times larger than in the separated geometry
