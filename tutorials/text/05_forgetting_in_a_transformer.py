@@ -316,8 +316,8 @@ for name in ("overlap-5", "disjoint"):
 
 # %% [markdown]
 # On `overlap-5` DISeL learns Q and loses P, with the same gates on both (the inputs are the same). On
-# `disjoint`, full fine-tuning learns Q and keeps P, while DISeL learns little of Q in the same budget
-# and still damages P (LoRA does the same; try it). The reason is in the embedding table: P never shows the
+# `disjoint`, full fine-tuning learns Q and keeps most of P, while DISeL gets no Q answer right in the
+# same budget and still damages P (LoRA does the same; try it). The reason is in the embedding table: P never shows the
 # digits 5-9 as inputs, and the output head is tied to the embeddings, so the only gradient those five
 # rows receive is the one that lowers the logits of tokens that never come next. It is nearly the same
 # for all five, and pushes them in one common direction. Measured as the cosine between rows centred
@@ -336,13 +336,14 @@ cosine_seen, cosine_unseen = centred_cosines(embeddings[0:5]), centred_cosines(e
 print(f"mean cosine between digits 0-4 (seen in P): {cosine_seen:.3f}; between digits 5-9 (unseen): {cosine_unseen:.3f}")
 assert cosine_unseen > 0.9 > abs(cosine_seen)
 assert family_runs["disjoint", "full"]["Q"]["accuracy"] > 0.5
+assert family_runs["disjoint", "full"]["P"]["accuracy"] > 0.5
 assert family_runs["disjoint", "full"]["P"]["accuracy"] > family_runs["disjoint", "disel"]["P"]["accuracy"]
 assert family_runs["overlap-5", "disel"]["P"]["accuracy"] < 0.1
 
 # %% [markdown]
 # The five new digits reach every adapted layer as nearly the same vector, so an adapter on the linear
 # layers must blow up tiny differences to tell them apart, and its gates see little to separate either.
-# Full fine-tuning simply retrains those five embedding rows, which P never reads, so P is spared.
+# Full fine-tuning can retrain those five embedding rows, which P never reads, and so spares most of P.
 # DISeL adapts linear layers only; it cannot fix what the base's representation has already merged.
 # The demo's wider model (`minidisel demo --task disjoint`) keeps enough of a difference for LoRA and
 # DISeL to learn this Q; run it to compare.
