@@ -236,7 +236,7 @@ figure.tight_layout()
 # with $B$ set to random values so that every gradient is non-zero.
 
 # %%
-adapters_with_B = tree_map(lambda leaf: leaf, adapters)
+adapters_with_B = tree_map(lambda leaf: leaf, adapters)  # new dicts, same arrays: `adapters` keeps B = 0
 for group in adapters_with_B["layers"]["0"].values():
     for layer in group.values():
         layer["B"] = 0.3 * rng.standard_normal(layer["B"].shape)
