@@ -332,11 +332,11 @@ assert smallest[between.name] > 5 * smallest[separated.name]
 
 # %% [markdown]
 # Read the two rows of maps together. In the separated geometry DISeL changes P far less than LoRA in
-# every setting of the grid, and still fits Q wherever the gates can open in time. With P between the origin
-# and Q, no setting in the grid keeps P as untouched as in the separated geometry: a more closed start
-# or a slower gate delays the opening, but the gate that finally opens on Q opens on P as well: among the
-# settings that fit Q, the smallest change on P is many times larger than in the separated geometry
-# (printed above).
+# every setting of the grid, and still fits Q wherever the gates can open in time. With P between the
+# origin and Q, no setting in the grid keeps P as untouched as in the separated geometry. A more closed
+# start or a slower gate delays the opening, but the gate that finally opens on Q opens on P as well.
+# Among the settings that fit Q, the smallest change on P is many times larger than in the separated
+# geometry (printed above).
 #
 # ### Interactive version
 #
