@@ -151,11 +151,10 @@ figure.tight_layout()
 # %% [markdown]
 # Two things stand out. Most gate values sit near 0 or near 1: after training, a component is switched
 # on for some tokens and off for others, rather than half open everywhere. And the P and Q histograms
-# lie almost on top of each other. Both distributions are made of the same ten
-# digits, and the first block's query, key and value gates read a function of the token and its
-# position only: the same digit at the same position gets exactly the same gate, whether it comes from
-# P or from Q. Later gates also see the context, which differs between the chains in how often each
-# digit follows another.
+# lie almost on top of each other. Both distributions are made of the same ten digits, and the first
+# block's query, key and value gates read a function of the token and its position only. So the same
+# digit at the same position gets exactly the same gate, whether it comes from P or from Q. Later gates
+# also see the context, which differs between the chains in how often each digit follows another.
 
 # %%
 def matched_difference(path):
@@ -202,7 +201,7 @@ figure.tight_layout()
 
 # %% [markdown]
 # Closing a component is the same as zeroing its column of $B$, so we can ask directly how much each
-# adapted layer contributes: close all of one layer's components at a time, and measure the NLL on Q
+# adapted layer contributes. We close all of one layer's components at a time and measure the NLL on Q
 # (how much of the new task is lost) and on P (how much of the base comes back).
 
 # %%
