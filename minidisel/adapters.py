@@ -29,7 +29,7 @@ from minidisel.config import AdapterConfig, ModelConfig
 from minidisel.nn import linear, sigmoid
 
 GATE_KEYS = ("W_g", "b_g", "U", "V")
-MERGED_MARKER = "lora_merged"  # key of the empty dict that marks a layer holding a merged update
+MERGED_MARKER = "lora_merged"  # key of the empty dict that marks a layer whose weight contains a merged update
 
 
 @dataclass(frozen=True)
@@ -165,11 +165,11 @@ def merge_adapters(base, adapters, adapter_config):
     so no single weight matrix can replace it, and merging raises.
 
     Each merged layer of the copy carries the marker ``"lora_merged": {}``.
-    The empty dict holds no array, so the tree stays a nested dict of float
-    arrays and gains no parameter: autograd, the optimiser and parameter
-    counts see nothing, and the forward pass reads only ``weight`` and
-    ``bias``. Merging into a layer that carries the marker raises instead of
-    adding the update twice.
+    The empty dict contains no array, so the tree stays a nested dict of
+    float arrays and gains no parameter. Autograd, the optimiser and
+    parameter counts ignore it, and the forward pass reads only ``weight``
+    and ``bias``. Merging into a layer that carries the marker raises
+    instead of adding the update twice.
 
     NOTE: checkpoints store arrays only, so a merged tree that is saved and
     loaded again has lost its markers.
@@ -181,9 +181,9 @@ def unmerge_adapters(merged, adapters, adapter_config):
     """Return a copy of ``merged`` with each LoRA update removed: ``W <- W - s B A``.
 
     Every adapted layer must carry the marker that :func:`merge_adapters`
-    sets; the copy drops it. The restored weight equals the original up to
-    rounding: ``(W + D) - D`` differs from ``W`` by at most one rounding of
-    ``W + D`` and one of the difference.
+    sets, and the copy drops it. The restored weight equals the original up
+    to rounding, because ``(W + D) - D`` differs from ``W`` by at most one
+    rounding of ``W + D`` and one of the difference.
     """
     return _fold(merged, adapters, adapter_config, merging=False)
 
@@ -214,13 +214,13 @@ def check_merge_state(layer, path, merging):
     """Raise unless the layer at ``path`` is unmerged (before a merge) or merged (before an unmerge)."""
     if merging and MERGED_MARKER in layer:
         raise ValueError(
-            f"cannot merge into {path}: it already holds a merged LoRA update (key {MERGED_MARKER!r}); "
-            "merge into the unmerged base tree, or call unmerge_adapters first"
+            f"cannot merge into {path}: its weight already contains a merged LoRA update (key "
+            f"{MERGED_MARKER!r}). Merge into the unmerged base tree, or call unmerge_adapters first"
         )
     if not merging and MERGED_MARKER not in layer:
         raise ValueError(
-            f"cannot unmerge {path}: it holds no merged LoRA update (no key {MERGED_MARKER!r}); "
-            "pass the tree that merge_adapters returned"
+            f"cannot unmerge {path}: its weight contains no merged LoRA update (key {MERGED_MARKER!r} "
+            "is missing). Pass the tree that merge_adapters returned"
         )
 
 
