@@ -132,9 +132,9 @@ def models(draw, archs=ARCHITECTURES, methods=METHODS, dtype="float64", zero_B=F
     """Draw a small model of random parameters, adapters on some of its layers, and tokens.
 
     Base parameters are N(0, scale²) with the scale drawn in [0.1, 1], so that
-    norms, biases and gains are all non-trivial. Adapter factors have the
-    Kaiming-like scale 1/sqrt(in); gate biases are uniform in [-3, 3];
-    ``zero_B`` keeps every B at its initial zero.
+    norms, biases and gains are all non-trivial. Each adapter matrix is
+    N(0, 1/n) with n its input width, and gate biases are uniform in [-3, 3].
+    With ``zero_B`` every B keeps its initial zero.
     """
     config = draw(model_configs(archs, dtype))
     if "target_modules" not in fields:
@@ -158,7 +158,7 @@ def random_like(tree, rng, scale):
 
 
 def random_adapter_layer(p, rng, zero_B=False):
-    """Return one adapter layer with random factors at scale 1/sqrt(in) and gate biases in [-3, 3]."""
+    """Return one adapter layer with N(0, 1/n) matrices (n their input width) and gate biases in [-3, 3]."""
     layer = {}
     for key, value in p.items():
         if key == "b_g":

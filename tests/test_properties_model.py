@@ -89,7 +89,7 @@ def next_token_loss(tokens):
     return lambda logits: cross_entropy(logits, targets, mask)
 
 
-# 1. fully open gates give LoRA
+# fully open gates give LoRA
 
 
 @given(models(methods=("disel",)))
@@ -108,7 +108,7 @@ def test_open_gates_give_lora_model(model):
     assert np.array_equal(saturated, lora)
 
 
-# 2. a constant gate is a rescaled LoRA
+# a constant gate is a rescaled LoRA
 
 
 def constant_gate(p, config):
@@ -133,7 +133,7 @@ def test_constant_gate_rescales_lora_model(model):
     assert_logits_close(logits(model, constant), logits(model, rescaled, replace(config, method="lora")))
 
 
-# 3. closed gates give the base model
+# closed gates give the base model
 
 
 @given(models())
@@ -147,21 +147,21 @@ def test_closed_adapter_gives_base_model(model):
     if model.adapter_config.method == "disel":
         assert np.array_equal(logits(model, gate_override=0.0), base)
 
-        # σ(z) underflows to exactly 0 below z ≈ -745, far above a logit of -1e4 plus a few hundred
+        # σ(z) underflows to exactly 0 below z ≈ -745, and a gate bias of -1e4 / c keeps every logit near -1e4
         closed_adapters = map_adapter_layers(model.adapters, lambda p: with_gate_bias(p, model.adapter_config, -1e4))
         closed, gates = logits(model, closed_adapters, return_gates=True)
         assert all(np.all(g == 0.0) for g in flatten(gates).values())
         assert np.array_equal(closed, base)
 
 
-# 4. zero-initialised B: only B has a gradient
+# zero-initialised B: only B has a gradient
 
 
 @given(models(zero_B=True, min_positions=2))
 def test_zero_B_gradients_model(model):
-    # degenerate inputs where some B gets no gradient at all: a LayerNorm over width 1 outputs its
-    # bias whatever the input, and a sequence of one repeated token gives every position the same
-    # value, so attention weights (hence q and k) do not matter
+    # two kinds of input leave some B without any gradient. A LayerNorm over width 1 outputs its
+    # bias whatever the input. A sequence of one repeated token gives every position the same
+    # value, so the attention weights, and with them q and k, do not matter.
     assume(model.config.d_model >= 2)
     assume(len(np.unique(model.tokens[0])) >= 2)
     loss = next_token_loss(model.tokens)
@@ -174,7 +174,7 @@ def test_zero_B_gradients_model(model):
             assert np.all(g == 0.0), path
 
 
-# 6. permuting the rank components changes nothing
+# permuting the rank components changes nothing
 
 
 @given(models(), st.randoms(use_true_random=False))
@@ -189,7 +189,7 @@ def test_rank_permutation_invariance_model(model, random):
     assert_logits_close(logits(model, permuted), logits(model))
 
 
-# 7. merging LoRA
+# merging LoRA
 
 
 @given(models(methods=("lora",)))
@@ -244,9 +244,10 @@ def nested(tree, keys):
     return tree
 
 
-# 9. gradients agree with central finite differences
+# gradients agree with central finite differences
 
 
+# each checked entry costs two forward passes, so this property runs a quarter of the profile's examples
 @settings(max_examples=max(1, settings().max_examples // 4))
 @given(models(), st.sampled_from([0.0, 0.3]), st.integers(0, 2**32 - 1))
 def test_gradients_match_finite_differences(model, rate, seed):
@@ -265,7 +266,7 @@ def test_gradients_match_finite_differences(model, rate, seed):
     assert set(worst) == set(flatten(tree))
 
 
-# 10. causality
+# causality
 
 
 @given(models(min_positions=2), st.data())
@@ -284,7 +285,7 @@ def test_causal_model(model, data):
         assert np.array_equal(g[:, : t + 1], flatten(gates_after)[path][:, : t + 1]), path
 
 
-# 11. batch independence
+# batch independence
 
 
 @given(models())
@@ -293,14 +294,14 @@ def test_batch_independence(model):
 
     for b in range(model.tokens.shape[0]):
         single, gates = logits(model, tokens=model.tokens[b : b + 1], return_gates=True)
-        # numpy may pick other BLAS kernels or blocking for a different batch size, so the same
-        # example can round differently; nothing may mix examples, which would be far larger
+        # numpy may pick other BLAS kernels or blocking for another batch size, so an example can
+        # round differently. Mixing examples would show up far above rounding.
         assert_logits_close(single[0], batch[b])
         for path, g in flatten(gates).items():
             assert_logits_close(g[0], flatten(batch_gates)[path][b])
 
 
-# 12. gates stay in [0, 1] and finite for logits up to ±1e4
+# gates stay in [0, 1] and finite for logits up to ±1e4
 
 
 @given(
@@ -316,7 +317,7 @@ def test_gates_bounded_for_huge_logits_model(model, logit, random):
     adapters = map_adapter_layers(model.adapters, bias)
     loss = next_token_loss(model.tokens)
 
-    # overflow, division by zero and invalid operations raise; underflow to 0 is the correctly rounded result
+    # overflow, division by zero and invalid operations raise. Underflow to 0 is the correctly rounded result.
     with warnings.catch_warnings(), np.errstate(all="raise", under="ignore"):
         warnings.simplefilter("error")
         out, gates = logits(model, adapters, return_gates=True)
@@ -330,7 +331,7 @@ def test_gates_bounded_for_huge_logits_model(model, logit, random):
         assert np.all(np.isfinite(g)), path
 
 
-# 13. parameter counts
+# parameter counts
 
 
 @given(model_configs(), st.data())
@@ -350,7 +351,7 @@ def test_parameter_counts_closed_form(config, data):
         assert count_parameters(p) == expected, path
 
 
-# 14. dropout
+# dropout
 
 
 @given(models(), st.floats(0.0, 0.95), st.integers(0, 2**32 - 1))
@@ -376,7 +377,7 @@ def test_dropout_model(model, rate, seed):
         assert np.array_equal(logits(model, gate_override=0.0, **training), base)
 
 
-# 15. float32 tracks float64
+# float32 tracks float64
 
 
 @given(models(dtype="float32"))
@@ -388,13 +389,17 @@ def test_float32_tracks_float64_model(model):
 
     # the same float32 values, widened exactly, then run in float64
     wide_config = replace(model.config, dtype="float64")
-    widen = lambda tree: tree_map(lambda leaf: leaf.astype(np.float64), tree)  # noqa: E731
     wide, wide_gates = forward(
         widen(model.params), model.tokens, wide_config, widen(model.adapters), model.adapter_config, return_gates=True
     )
     assert_logits_close(narrow, wide, FLOAT32_RTOL)
     for path, g in flatten(wide_gates).items():
         assert_logits_close(flatten(narrow_gates)[path], g, FLOAT32_RTOL)
+
+
+def widen(tree):
+    """Return a float64 copy of a tree of float32 arrays (exact: every float32 is a float64)."""
+    return tree_map(lambda leaf: leaf.astype(np.float64), tree)
 
 
 # every configuration that constructs also runs
