@@ -28,7 +28,9 @@ class Recipe:
     """Everything that defines one demo run besides the task and seed."""
 
     model: ModelConfig = ModelConfig(vocab_size=VOCAB_SIZE, d_model=64, n_layers=2, n_heads=4, max_seq_len=32)
-    pretrain: TrainConfig = TrainConfig(steps=800, batch_size=32, lr=3e-3, weight_decay=0.01, log_every=0)
+    pretrain: TrainConfig = TrainConfig(
+        steps=800, batch_size=32, lr=3e-3, weight_decay=0.01, log_every=0, progress=False
+    )
     finetune_steps: int = 300
     finetune_batch_size: int = 32
     learning_rates: tuple = (("full", 3e-3), ("lora", 3e-3), ("disel", 3e-3))
@@ -127,10 +129,10 @@ def evaluate(params, eval_sets, task, model_config, adapters=None, adapter_confi
     return results
 
 
-def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print):
+def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print, progress=False):
     """Fine-tune with one method and return its results record (as in ``results.json``) and history."""
     started = time.perf_counter()
-    params, adapters, history = finetune(base, task, method, recipe, seed, log=log)
+    params, adapters, history = finetune(base, task, method, recipe, seed, progress=progress, log=log)
     seconds = time.perf_counter() - started
 
     adapter_config = None if adapters is None else recipe.adapter_for(method)
