@@ -129,25 +129,30 @@ def token_batches(draw, model_config, min_positions=1):
 
 @st.composite
 def models(draw, archs=ARCHITECTURES, methods=METHODS, dtype="float64", zero_B=False, min_positions=1, **fields):
-    """Draw a small model of random parameters, adapters on some of its layers, and tokens.
-
-    Base parameters are N(0, scale²) with the scale drawn in [0.1, 1], so that
-    norms, biases and gains are all non-trivial. Each adapter matrix is
-    N(0, 1/n) with n its input width, and gate biases are uniform in [-3, 3].
-    With ``zero_B`` every B keeps its initial zero.
-    """
+    """Draw a small model of random parameters, adapters on some of its layers, and tokens (see :func:`make_model`)."""
     config = draw(model_configs(archs, dtype))
     if "target_modules" not in fields:
         fields = {**fields, "target_modules": draw(target_modules(config))}
     adapter_config = draw(adapter_configs(methods, **fields))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    seed = draw(st.integers(0, 2**32 - 1))
     scale = draw(st.floats(0.1, 1.0))
+    return make_model(config, adapter_config, seed, scale, draw(token_batches(config, min_positions)), zero_B)
 
+
+def make_model(config, adapter_config, seed, scale, tokens, zero_B=False):
+    """Build a model with random parameters and adapters from ``seed``.
+
+    Base parameters are N(0, scale²), so that norms, biases and gains are all
+    non-trivial. Each adapter matrix is N(0, 1/n) with n its input width, and
+    gate biases are uniform in [-3, 3]. With ``zero_B`` every B keeps its
+    initial zero.
+    """
+    rng = np.random.default_rng(seed)
     params = random_like(init_params(config, rng), rng, scale)
     adapters = map_adapter_layers(
         init_adapters(params, config, adapter_config, rng), lambda p: random_adapter_layer(p, rng, zero_B)
     )
-    return Model(config, params, adapter_config, adapters, draw(token_batches(config, min_positions)))
+    return Model(config, params, adapter_config, adapters, tokens)
 
 
 def random_like(tree, rng, scale):

@@ -21,6 +21,7 @@ from strategies import (
     adapter_configs,
     adapter_layers,
     lora_factors,
+    make_model,
     map_adapter_layers,
     model_configs,
     models,
@@ -29,7 +30,16 @@ from strategies import (
     with_gate_bias,
 )
 
-from minidisel import ModelConfig, adapter_paths, forward, init_adapters, init_params, merge_adapters, unmerge_adapters
+from minidisel import (
+    AdapterConfig,
+    ModelConfig,
+    adapter_paths,
+    forward,
+    init_adapters,
+    init_params,
+    merge_adapters,
+    unmerge_adapters,
+)
 from minidisel.adapters import MERGED_MARKER, copy_tree
 from minidisel.gradcheck import check_gradients
 from minidisel.nn import cross_entropy
@@ -46,10 +56,11 @@ REORDER_RTOL = 1e-12
 # The largest gap measured over 300 random models was 4e-6.
 FLOAT32_RTOL = 5e-4
 
-# Central differences with h = 1e-6: truncation h² f''' / 6 is about 1e-13 for f''' of order 1,
-# but the loss carries tens of ulps of rounding error (about 1e-14), which the division by 2h
-# turns into noise near 1e-8 (the largest measured over 300 random models: 2.7e-8). Hence 1e-7
-# absolute, and 1e-6 relative for large gradients (the largest error measured was 0.37 of this).
+# Central differences with h = 1e-6. The loss carries tens of ulps of rounding error (about
+# 1e-14), which the division by 2h turns into noise near 1e-8 (the largest measured over 300
+# random models: 2.7e-8). Hence 1e-7 absolute, and 1e-6 relative for large gradients. The
+# truncation error h² f''' / 6 is about 1e-13 for f''' of order 1, but a sharply curved loss
+# can exceed both, so the check also allows each entry the measured gap |D(2h) - D(h)|.
 GRADIENT_RTOL, GRADIENT_ATOL = 1e-6, 1e-7
 
 # A gate logit that saturates σ whatever the input: σ is exactly 1.0 above 37.5 and exactly 0 below
@@ -254,9 +265,20 @@ def nested(tree, keys):
 # gradients agree with central finite differences
 
 
-# each checked entry costs two forward passes, so this property runs a quarter of the profile's examples
+# each checked entry costs four forward passes, so this property runs a quarter of the profile's examples
 @settings(max_examples=max(1, settings().max_examples // 4))
 @given(models(), st.sampled_from([0.0, 0.3]), st.integers(0, 2**32 - 1))
+@example(
+    model=make_model(
+        ModelConfig(vocab_size=5, d_model=8, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=3, max_seq_len=6, arch="llama"),
+        AdapterConfig(method="lora", r=1, lora_alpha=26.0),
+        seed=3485,
+        scale=0.3125,
+        tokens=np.array([[2, 4, 0, 0]]),
+    ),
+    rate=0.0,
+    seed=0,
+)  # a sharply curved loss: at h = 1e-6 the truncation error is 1.5e-6 of o_proj's A gradient 15.4
 def test_gradients_match_finite_differences(model, rate, seed):
     config = replace(model.adapter_config, lora_dropout=rate)
     loss = next_token_loss(model.tokens)
@@ -269,7 +291,9 @@ def test_gradients_match_finite_differences(model, rate, seed):
     # every tensor of the base model and of the adapters, at two random entries each
     tree = {"base": model.params, "adapters": model.adapters}
     rng = np.random.default_rng(seed)
-    worst = check_gradients(objective, tree, rtol=GRADIENT_RTOL, atol=GRADIENT_ATOL, max_entries=2, rng=rng)
+    worst = check_gradients(
+        objective, tree, rtol=GRADIENT_RTOL, atol=GRADIENT_ATOL, max_entries=2, rng=rng, estimate_error=True
+    )
     assert set(worst) == set(flatten(tree))
 
 
