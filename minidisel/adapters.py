@@ -29,6 +29,7 @@ from minidisel.config import AdapterConfig, ModelConfig
 from minidisel.nn import linear, sigmoid
 
 GATE_KEYS = ("W_g", "b_g", "U", "V")
+MERGED_MARKER = "lora_merged"  # key of the empty dict that marks a layer whose weight contains a merged update
 
 
 @dataclass(frozen=True)
@@ -162,30 +163,65 @@ def merge_adapters(base, adapters, adapter_config):
 
     Only LoRA merges. A DISeL update depends on the input through its gates,
     so no single weight matrix can replace it, and merging raises.
+
+    Each merged layer of the copy carries the marker ``"lora_merged": {}``.
+    The empty dict contains no array, so the tree stays a nested dict of
+    float arrays and gains no parameter. Autograd, the optimiser and
+    parameter counts ignore it, and the forward pass reads only ``weight``
+    and ``bias``. Merging into a layer that carries the marker raises
+    instead of adding the update twice.
+
+    NOTE: checkpoints store arrays only, so a merged tree that is saved and
+    loaded again has lost its markers.
     """
-    return _fold(base, adapters, adapter_config, sign=1.0)
+    return _fold(base, adapters, adapter_config, merging=True)
 
 
 def unmerge_adapters(merged, adapters, adapter_config):
-    """Return a copy of ``merged`` with each LoRA update removed: ``W <- W - s B A``."""
-    return _fold(merged, adapters, adapter_config, sign=-1.0)
+    """Return a copy of ``merged`` with each LoRA update removed: ``W <- W - s B A``.
+
+    Every adapted layer must carry the marker that :func:`merge_adapters`
+    sets, and the copy drops it. The restored weight equals the original up
+    to rounding, because ``(W + D) - D`` differs from ``W`` by at most one
+    rounding of ``W + D`` and one of the difference.
+    """
+    return _fold(merged, adapters, adapter_config, merging=False)
 
 
-def _fold(base, adapters, adapter_config, sign):
+def _fold(tree, adapters, adapter_config, merging):
     if adapter_config.method != "lora":
         raise ValueError(
             f"cannot merge a {adapter_config.method!r} adapter: its gates depend on the input, so the "
             "update s·B·diag(g(x))·A differs for every token and has no single-matrix form; only "
             "method='lora' merges"
         )
-    s = adapter_config.scaling
-    merged = copy_tree(base)
+    sign = 1.0 if merging else -1.0
+    folded = copy_tree(tree)
     for index, groups in adapters["layers"].items():
         for group, layers in groups.items():
             for name, p in layers.items():
-                target = merged["layers"][index][group][name]
-                target["weight"] = target["weight"] + sign * s * (p["B"] @ p["A"])
-    return merged
+                target = folded["layers"][index][group][name]
+                check_merge_state(target, f"layers.{index}.{group}.{name}", merging)
+                target["weight"] = target["weight"] + sign * adapter_config.scaling * (p["B"] @ p["A"])
+                if merging:
+                    target[MERGED_MARKER] = {}
+                else:
+                    del target[MERGED_MARKER]
+    return folded
+
+
+def check_merge_state(layer, path, merging):
+    """Raise unless the layer at ``path`` is unmerged (before a merge) or merged (before an unmerge)."""
+    if merging and MERGED_MARKER in layer:
+        raise ValueError(
+            f"cannot merge into {path}: its weight already contains a merged LoRA update (key "
+            f"{MERGED_MARKER!r}). Merge into the unmerged base tree, or call unmerge_adapters first"
+        )
+    if not merging and MERGED_MARKER not in layer:
+        raise ValueError(
+            f"cannot unmerge {path}: its weight contains no merged LoRA update (key {MERGED_MARKER!r} "
+            "is missing). Pass the tree that merge_adapters returned"
+        )
 
 
 def copy_tree(tree):
