@@ -60,10 +60,9 @@ def pytest_runtest_makereport(item, call):
     """Report a skipped tutorial test as failed: every notebook must run."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and item.module.__name__.endswith("test_tutorials"):
+    if report.skipped and item.nodeid.split("::")[0].endswith("test_tutorials.py"):
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} was skipped, but every tutorial notebook must run"
-
 
 
 @pytest.hookimpl(hookwrapper=True)
