@@ -1,9 +1,9 @@
 """Pre-train a base model on P, fine-tune it on Q, and measure what changed.
 
-Methods: ``"full"`` trains every base parameter; ``"lora"`` and ``"disel"``
-train an adapter tree while the base stays frozen. Each method's loss has the
-form ``loss(trainable, frozen, batch, rng)``, so freezing is structural:
-autograd differentiates the first argument only.
+Methods: ``"full"`` trains every base parameter; ``"lora"``, ``"dora"`` and
+``"disel"`` train an adapter tree while the base stays frozen. Each method's
+loss has the form ``loss(trainable, frozen, batch, rng)``, so freezing is
+structural: autograd differentiates the first argument only.
 """
 
 import time
@@ -20,7 +20,7 @@ from minidisel.tasks import VOCAB_SIZE, sample_batch
 from minidisel.train import train
 from minidisel.tree import count_parameters
 
-METHODS = ("full", "lora", "disel")
+METHODS = ("full", "lora", "dora", "disel")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Recipe:
     pretrain: TrainConfig = TrainConfig(steps=800, batch_size=32, lr=3e-3, weight_decay=0.01, log_every=0)
     finetune_steps: int = 300
     finetune_batch_size: int = 32
-    learning_rates: tuple = (("full", 3e-3), ("lora", 3e-3), ("disel", 3e-3))
+    learning_rates: tuple = (("full", 3e-3), ("lora", 3e-3), ("dora", 3e-3), ("disel", 3e-3))
     adapter: AdapterConfig = AdapterConfig(method="disel", r=8, lora_alpha=16.0)
     eval_size: int = 512
 
@@ -54,7 +54,7 @@ class Recipe:
         )
 
     def adapter_for(self, method):
-        """Return the adapter config of ``method`` (LoRA shares every field DISeL has in common)."""
+        """Return the adapter config of ``method`` (LoRA and DoRA share every field DISeL has in common)."""
         return replace(self.adapter, method=method)
 
 
@@ -88,7 +88,7 @@ def finetune(base, task, method, recipe, seed, progress=False, log=print):
     """Fine-tune ``base`` on Q with ``method``; return ``(params, adapters, history)``.
 
     For full fine-tuning ``params`` are the new base and ``adapters`` is None;
-    for LoRA and DISeL ``params`` is ``base`` itself.
+    for the adapter methods ``params`` is ``base`` itself.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
