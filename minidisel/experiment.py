@@ -13,7 +13,8 @@ import numpy as np
 
 from minidisel.adapters import init_adapters
 from minidisel.config import AdapterConfig, ModelConfig, TrainConfig, check_int
-from minidisel.metrics import kl_from_base, mean_gates, predict, score
+from minidisel.gates import mean_by_path, select_tokens
+from minidisel.metrics import kl_from_base, predict, score
 from minidisel.model import forward, init_params
 from minidisel.nn import cross_entropy
 from minidisel.tasks import VOCAB_SIZE, sample_batch
@@ -128,7 +129,12 @@ def evaluate(params, eval_sets, task, model_config, adapters=None, adapter_confi
 
 
 def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print):
-    """Fine-tune with one method and return its results record (as in ``results.json``) and history."""
+    """Fine-tune with one method; return its results record (as in ``results.json``), history and gates.
+
+    The gates are DISeL's values on every position of the evaluation sets,
+    ``{dist: {path: (N, R)}}`` as :mod:`minidisel.gates` reads them, and None
+    for the other methods.
+    """
     started = time.perf_counter()
     params, adapters, history = finetune(base, task, method, recipe, seed, log=log)
     seconds = time.perf_counter() - started
@@ -145,8 +151,8 @@ def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print
         "Q": tuned["Q"]["metrics"],
         "P_kl_from_base": kl_from_base(base_eval["P"]["logits"], tuned["P"]["logits"], p_mask),
     }
+    gates = None
     if method == "disel":
-        run["gates"] = {
-            dist: mean_gates(tuned[dist]["gates"], np.ones_like(eval_sets[dist]["mask"])) for dist in ("P", "Q")
-        }
-    return run, history
+        gates = {dist: select_tokens(tuned[dist]["gates"], np.ones_like(eval_sets[dist]["mask"])) for dist in ("P", "Q")}
+        run["gates"] = mean_by_path(gates)
+    return run, history, gates
