@@ -75,7 +75,9 @@ def run_demo_command(args):
     """Run ``minidisel demo`` with parsed arguments."""
     from minidisel.demo import run_demo
 
-    run_demo(args.task, args.seed, args.steps, args.rank, args.quick, args.out, use_cache=not args.no_cache)
+    run_demo(
+        args.task, args.seed, args.steps, args.rank, args.quick, args.out, use_cache=not args.no_cache, progress=True
+    )
 
 
 COMMANDS = {"demo": run_demo_command, "sweep": run_sweep_command}

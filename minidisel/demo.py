@@ -51,7 +51,7 @@ def make_recipe(quick=False, steps=None, rank=None):
     return recipe
 
 
-def base_model(task, recipe, seed, use_cache=True, log=print):
+def base_model(task, recipe, seed, use_cache=True, log=print, progress=False):
     """Return a base model pre-trained on P, from the cache when a valid entry exists."""
     key = cache_key(task.name, recipe.model, recipe.pretrain, seed)
     cached = load_base(key, recipe.model) if use_cache else None
@@ -60,7 +60,7 @@ def base_model(task, recipe, seed, use_cache=True, log=print):
         return cached
 
     started = time.perf_counter()
-    params, history = pretrain(task, recipe.model, recipe.pretrain, seed, log=log)
+    params, history = pretrain(task, recipe.model, replace(recipe.pretrain, progress=progress), seed, log=log)
     seconds = time.perf_counter() - started
     log(f"base model: pre-trained on P for {recipe.pretrain.steps} steps in {seconds:.1f} s, final loss {history['loss'][-1]:.4f}")
     if use_cache:
@@ -68,7 +68,9 @@ def base_model(task, recipe, seed, use_cache=True, log=print):
     return params
 
 
-def run_demo(task_name="disjoint", seed=0, steps=None, rank=None, quick=False, out=None, use_cache=True, log=print):
+def run_demo(
+    task_name="disjoint", seed=0, steps=None, rank=None, quick=False, out=None, use_cache=True, log=print, progress=False
+):
     """Run the demo and return ``results`` (the ``results.json`` dict); write files to ``out`` if given."""
     check_int("seed", seed, minimum=0)
     task = make_task(task_name)
@@ -77,7 +79,7 @@ def run_demo(task_name="disjoint", seed=0, steps=None, rank=None, quick=False, o
         check_output_folder(out)
     log(f"task {task.name}: {task.description}; seed {seed}")
 
-    base = base_model(task, recipe, seed, use_cache, log)
+    base = base_model(task, recipe, seed, use_cache, log, progress)
     eval_sets = evaluation_sets(task, seed, recipe.eval_size)
     base_eval = evaluate(base, eval_sets, task, recipe.model)
     results = {
@@ -89,7 +91,9 @@ def run_demo(task_name="disjoint", seed=0, steps=None, rank=None, quick=False, o
     }
     histories, gates = {}, None
     for method in DEMO_METHODS:
-        run, histories[method], method_gates = run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=log)
+        run, histories[method], method_gates = run_method(
+            base, base_eval, eval_sets, task, method, recipe, seed, log=log, progress=progress, return_gates=True
+        )
         results["runs"].append(run)
         gates = method_gates if method_gates is not None else gates
 

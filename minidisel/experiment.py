@@ -29,7 +29,9 @@ class Recipe:
     """Everything that defines one demo run besides the task and seed."""
 
     model: ModelConfig = ModelConfig(vocab_size=VOCAB_SIZE, d_model=64, n_layers=2, n_heads=4, max_seq_len=32)
-    pretrain: TrainConfig = TrainConfig(steps=800, batch_size=32, lr=3e-3, weight_decay=0.01, log_every=0)
+    pretrain: TrainConfig = TrainConfig(
+        steps=800, batch_size=32, lr=3e-3, weight_decay=0.01, log_every=0, progress=False
+    )
     finetune_steps: int = 300
     finetune_batch_size: int = 32
     learning_rates: tuple = (("full", 3e-3), ("lora", 3e-3), ("dora", 3e-3), ("disel", 3e-3))
@@ -128,15 +130,15 @@ def evaluate(params, eval_sets, task, model_config, adapters=None, adapter_confi
     return results
 
 
-def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print):
-    """Fine-tune with one method; return its results record (as in ``results.json``), history and gates.
+def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print, progress=False, return_gates=False):
+    """Fine-tune with one method and return its results record (as in ``results.json``) and history.
 
-    The gates are DISeL's values on every position of the evaluation sets,
-    ``{dist: {path: (N, R)}}`` as :mod:`minidisel.gates` reads them, and None
-    for the other methods.
+    With ``return_gates=True`` it also returns the gates: DISeL's values on
+    every position of the evaluation sets, ``{dist: {path: (N, R)}}`` as
+    :mod:`minidisel.gates` reads them, or None for the other methods.
     """
     started = time.perf_counter()
-    params, adapters, history = finetune(base, task, method, recipe, seed, log=log)
+    params, adapters, history = finetune(base, task, method, recipe, seed, progress=progress, log=log)
     seconds = time.perf_counter() - started
 
     adapter_config = None if adapters is None else recipe.adapter_for(method)
@@ -155,4 +157,4 @@ def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print
     if method == "disel":
         gates = {dist: select_tokens(tuned[dist]["gates"], np.ones_like(eval_sets[dist]["mask"])) for dist in ("P", "Q")}
         run["gates"] = mean_by_path(gates)
-    return run, history, gates
+    return (run, history, gates) if return_gates else (run, history)

@@ -283,7 +283,7 @@ def quiet(line):
 
 def prepare_base(task_name, width, seed, recipe, use_cache):
     """Return the base model of one (task, width, seed), from the cache or pre-trained, and its evaluation."""
-    recipe = replace(recipe, model=replace(recipe.model, d_model=width), pretrain=replace(recipe.pretrain, progress=False))
+    recipe = replace(recipe, model=replace(recipe.model, d_model=width))
     task = make_task(task_name)
     params = base_model(task, recipe, seed, use_cache, log=quiet)
     base_eval = evaluate(params, evaluation_sets(task, seed, recipe.eval_size), task, recipe.model)
@@ -301,7 +301,7 @@ def run_point(point, recipe, base, base_eval, header):
     eval_sets = evaluation_sets(task, point["seed"], recipe.eval_size)
     record = {**header, "point": point, "base": {dist: base_eval[dist]["metrics"] for dist in ("P", "Q")}}
     try:
-        run, _, _ = run_method(base, base_eval, eval_sets, task, point["method"], recipe, point["seed"], log=quiet)
+        run, _ = run_method(base, base_eval, eval_sets, task, point["method"], recipe, point["seed"], log=quiet)
     except FloatingPointError as error:
         return {**record, "method": point["method"], "error": str(error)}
     return {**record, **run}
