@@ -82,8 +82,8 @@ def aggregate(members):
 
 
 def has_accuracy(records):
-    """Return True when every record's task has exact-match answers."""
-    return all(r["base"]["P"]["accuracy"] is not None for r in records)
+    """Return True when the task of every successful record has exact-match answers."""
+    return all(r["base"]["P"]["accuracy"] is not None for r in records if "error" not in r)
 
 
 def score_labels(records):
@@ -129,6 +129,9 @@ def plot_tradeoff(records):
                 stats["P"][0], stats["Q"][0], xerr=stats["P"][1], yerr=stats["Q"][1],
                 color=color, marker=marker, markersize=7, linestyle="none", capsize=3,
             )
+        if has_accuracy(members):
+            axis.set_xlim(-0.03, 1.03)
+            axis.set_ylim(-0.03, 1.03)
         axis.set_title(panel_title(key), fontsize=10)
         axis.set_xlabel(x_label, fontsize=9)
         axis.set_ylabel(y_label, fontsize=9)
