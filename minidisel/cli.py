@@ -61,7 +61,8 @@ def parse_axis_option(axis, text):
 
 def run_sweep_command(args):
     """Run ``minidisel sweep`` with parsed arguments."""
-    from minidisel.sweep import load_grid_file, run_sweep
+    from minidisel.sweep import run_sweep
+    from minidisel.sweep_grid import load_grid_file
 
     spec = load_grid_file(args.config) if args.config else None
     options = {axis: parse_axis_option(axis, getattr(args, axis)) for axis in SWEEP_AXIS_HELP if getattr(args, axis) is not None}

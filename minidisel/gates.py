@@ -62,7 +62,7 @@ def mean_by_path(values):
 def group_means(means, key):
     """Average per-layer means ``{path: mean}`` into ``{key(path): mean}``.
 
-    Every adapted layer has the same rank and sees the same tokens, so the
+    Every adapted layer has the same rank and reads the same tokens, so the
     mean of layer means equals the mean over all their gate values.
     """
     groups = {}

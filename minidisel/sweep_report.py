@@ -1,10 +1,12 @@
 """Figures and tables of a sweep, read from its run records.
 
-* ``tradeoff.png``: score on Q against retention on P, one marker per method
-  and rank (and DISeL gate setting) with error bars over seeds, and the base
-  model's retention as a vertical line; one panel per task, width and step count.
-* ``by_<axis>.png``: retention on P, drift ``KL(base ‖ tuned)`` on P and score
-  on Q against each grid axis that takes more than one value.
+* ``tradeoff.png``: score on Q against retention on P, one panel per task,
+  width and step count. Each method and rank (and DISeL gate setting) is one
+  marker with error bars over seeds. The base model's retention is a
+  vertical line.
+* ``by_<axis>.png``: retention on P, drift ``KL(base ‖ tuned)`` on P, score
+  on Q and DISeL's mean gate on P and Q inputs against each grid axis that
+  takes more than one value, other axes fixed.
 * ``summary.md``: the mean and standard deviation over seeds of every series.
 
 The score is exact-match accuracy, or the NLL (in nats) for tasks without
@@ -117,6 +119,7 @@ def plot_tradeoff(records):
     rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(4.2 * columns + 2.8, 3.6 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
+
     x_label, y_label = score_labels(records)
     handles = {}
     for axis, (key, members) in zip(axes, panels.items()):
@@ -136,6 +139,7 @@ def plot_tradeoff(records):
         axis.set_xlabel(x_label, fontsize=9)
         axis.set_ylabel(y_label, fontsize=9)
         axis.grid(alpha=0.3)
+
     for axis in axes[len(panels):]:
         axis.set_visible(False)
     figure.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8)
@@ -160,31 +164,54 @@ def axis_lines(records, axis):
     return lines
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
 def plot_axis(records, axis):
-    """Draw retention on P, drift on P and score on Q against one grid axis; return the figure."""
+    """Draw retention on P, drift on P, score on Q and DISeL's mean gates against one grid axis; return the figure."""
     values = axis_values(records, axis)
     lines = axis_lines(records, axis)
     x_label, y_label = score_labels(records)
-    figure = Figure(figsize=(14, 4.0), layout="constrained")
-    axes = figure.subplots(1, 3)
-    panels = (("P", x_label), ("kl", "KL(base || tuned) on P inputs (nats)"), ("Q", y_label))
+    panels = [("P", x_label), ("kl", "KL(base || tuned) on P inputs (nats)"), ("Q", y_label)]
+    if any("gate_P" in stats for points in lines.values() for stats in points.values()):
+        panels.append(("gate", "DISeL mean gate (solid: P inputs, dashed: Q)"))
+    figure = Figure(figsize=(4.3 * len(panels) + 2.5, 4.0), layout="constrained")
+    axes = figure.subplots(1, len(panels))
+
+    seen = {}
     for label, points in lines.items():
         method = label.split()[0]
+        style = {"color": COLORS.get(method), "marker": MARKERS[seen.get(method, 0) % len(MARKERS)], "capsize": 3}
+        style["linestyle"] = LINE_STYLES[seen.get(method, 0) % len(LINE_STYLES)]
+        seen[method] = seen.get(method, 0) + 1
         x = [values.index(value) for value in points]
         for panel, (statistic, _) in zip(axes, panels):
-            means = [stats[statistic][0] for stats in points.values()]
-            spreads = [stats[statistic][1] for stats in points.values()]
-            panel.errorbar(x, means, yerr=spreads, marker="o", capsize=3, label=label, color=COLORS.get(method), alpha=0.85)
+            draw_statistic(panel, x, list(points.values()), statistic, label, style)
+
     base = {value: aggregate(runs)["base_P"][0] for (value,), runs in group(records, (axis,)).items()}
     axes[0].plot([values.index(v) for v in base], list(base.values()), color="black", linestyle="--", label="base model")
-    for panel, (_, y_label_text) in zip(axes, panels):
+    for panel, (_, label_text) in zip(axes, panels):
         panel.set_xticks(range(len(values)), [str(value) for value in values], rotation=30 if axis == "task" else 0)
         panel.set_xlabel(AXIS_LABELS[axis], fontsize=9)
-        panel.set_ylabel(y_label_text, fontsize=9)
+        panel.set_ylabel(label_text, fontsize=9)
         panel.grid(alpha=0.3)
     axes[1].set_yscale("symlog", linthresh=1e-3)
+    limited = [0, 2] if has_accuracy(records) else []
+    for index in limited + ([3] if len(panels) == 4 else []):
+        axes[index].set_ylim(-0.03, 1.03)
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
     return figure
+
+
+def draw_statistic(panel, x, points, statistic, label, style):
+    """Draw one line's mean ± standard deviation of ``statistic``; ``"gate"`` draws DISeL's P and Q gates."""
+    if statistic != "gate":
+        means, spreads = zip(*(stats[statistic] for stats in points))
+        panel.errorbar(x, means, yerr=spreads, label=label, alpha=0.85, **style)
+    elif "gate_P" in points[0]:
+        for dist, linestyle in (("P", "-"), ("Q", "--")):
+            means, spreads = zip(*(stats[f"gate_{dist}"] for stats in points))
+            panel.errorbar(x, means, yerr=spreads, alpha=0.85, **{**style, "linestyle": linestyle})
 
 
 def format_summary(records):

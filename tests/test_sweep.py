@@ -6,19 +6,8 @@ import pytest
 
 from minidisel.cli import main
 from minidisel.demo import QUICK_RECIPE
-from minidisel.sweep import (
-    AXES,
-    RUNS_FORMAT,
-    expand_grid,
-    load_grid_file,
-    parse_grid,
-    point_key,
-    point_recipe,
-    read_runs,
-    recipe_digest,
-    run_point,
-    run_sweep,
-)
+from minidisel.sweep import RUNS_FORMAT, read_runs, run_point, run_sweep
+from minidisel.sweep_grid import AXES, expand_grid, load_grid_file, parse_grid, point_key, point_recipe, recipe_digest
 from minidisel.sweep_report import aggregate, axis_lines, format_summary, write_report
 
 DEMO_FIELDS = {"method", "trainable_params", "steps", "seconds", "P", "Q", "P_kl_from_base"}
