@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import time
 import warnings
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import replace
@@ -161,25 +162,27 @@ def group_by_base(points):
 def execute(points, recipe, header, runs_path, workers, use_cache, log, progress):
     """Run ``points`` on ``workers`` processes, appending each record to ``runs_path``; return the records.
 
-    Each base model is pre-trained (or loaded) once, in a worker, and its runs
-    are queued as soon as it is ready.
+    Each base model is pre-trained (or loaded) once, in a worker. A free
+    worker takes a run whose base is ready before it starts another base, so
+    finished runs reach the file early and an interruption loses little.
     """
     groups = group_by_base(points)
-    records = []
+    bases, ready = deque(groups), deque()
+    records, running = [], {}
     bar = tqdm(total=len(points), unit="run", desc="sweep", disable=not progress)
     # workers start at the first submissions, so the environment must stay set while jobs are submitted
     with single_threaded_blas():
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
         try:
-            running = {pool.submit(prepare_base, *base, recipe, use_cache): base for base in groups}
-            while running:
+            while bases or ready or running:
+                while len(running) < workers and (bases or ready):
+                    submit_next(pool, running, bases, ready, recipe, header, use_cache)
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     job = running.pop(future)
                     if isinstance(job, tuple):
                         params, base_eval = future.result()
-                        for point in groups[job]:
-                            running[pool.submit(run_point, point, recipe, params, base_eval, header)] = point
+                        ready.extend((point, params, base_eval) for point in groups[job])
                         continue
                     record = future.result()
                     append_run(runs_path, record)
@@ -195,6 +198,16 @@ def execute(points, recipe, header, runs_path, workers, use_cache, log, progress
     pool.shutdown()
     bar.close()
     return records
+
+
+def submit_next(pool, running, bases, ready, recipe, header, use_cache):
+    """Submit the next job: a run whose base model is ready, else the next base model."""
+    if ready:
+        point, params, base_eval = ready.popleft()
+        running[pool.submit(run_point, point, recipe, params, base_eval, header)] = point
+    else:
+        base = bases.popleft()
+        running[pool.submit(prepare_base, *base, recipe, use_cache)] = base
 
 
 def run_sweep(spec, out, quick=False, workers=None, use_cache=True, source="the command line", log=print, progress=True):
