@@ -74,8 +74,11 @@ def test_summary_matches_direct_means():
 def test_gate_grid_marks_unadapted_modules():
     means = {"layers.0.self_attn.q_proj": 0.1, "layers.0.mlp.down_proj": 0.2, "layers.1.self_attn.q_proj": 0.3}
     layers, modules, grid = gate_grid(means)
-    assert layers == ["0", "1"] and modules == ["q_proj", "down_proj"]
-    assert grid[0, 0] == 0.1 and grid[0, 1] == 0.2 and grid[1, 0] == 0.3
+    assert layers == ["0", "1"]
+    assert modules == ["q_proj", "down_proj"]
+    assert grid[0, 0] == 0.1
+    assert grid[0, 1] == 0.2
+    assert grid[1, 0] == 0.3
     assert np.isnan(grid[1, 1])
 
 

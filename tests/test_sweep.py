@@ -66,9 +66,12 @@ def test_sub_grids_union_without_repeats():
 def test_point_recipe_sets_every_axis():
     point = points_of({"method": "disel", "rank": 4, "width": 32, "gate_bias_init": -5, "gate_lr_multiplier": 2, "steps": 7})[0]
     recipe = point_recipe(QUICK_RECIPE, point)
-    assert recipe.model.d_model == 32 and recipe.finetune_steps == 7
-    assert recipe.adapter.r == 4 and recipe.adapter.lora_alpha == 8.0
-    assert recipe.adapter.gate_bias_init == -5.0 and recipe.adapter.gate_lr_multiplier == 2.0
+    assert recipe.model.d_model == 32
+    assert recipe.finetune_steps == 7
+    assert recipe.adapter.r == 4
+    assert recipe.adapter.lora_alpha == 8.0
+    assert recipe.adapter.gate_bias_init == -5.0
+    assert recipe.adapter.gate_lr_multiplier == 2.0
     assert recipe.pretrain == QUICK_RECIPE.pretrain
 
 
@@ -124,7 +127,8 @@ def test_cli_bad_grid_exits_2_before_runs(tmp_path, capsys, spec, words):
     out = tmp_path / "out"
     assert main(["sweep", "--quick", "--config", write_grid(tmp_path, spec), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert words in err and "Traceback" not in err
+    assert words in err
+    assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (out / "runs.jsonl").exists()
 
@@ -182,7 +186,8 @@ def test_quick_sweep_writes_runs_and_figures(tmp_path, capsys):
         expected = DEMO_FIELDS | {"point", "base", "format", "minidisel_version", "recipe", "recipe_digest"}
         assert set(record) == expected | ({"gates"} if record["method"] == "disel" else set())
         assert record["method"] == record["point"]["method"]
-        assert record["format"] == RUNS_FORMAT and record["recipe"] == "quick"
+        assert record["format"] == RUNS_FORMAT
+        assert record["recipe"] == "quick"
         assert set(record["base"]) == {"P", "Q"}
     for name in ("tradeoff.png", "summary.md"):
         assert (out / name).stat().st_size > 0
@@ -192,12 +197,14 @@ def test_quick_sweep_writes_runs_and_figures(tmp_path, capsys):
 def test_sweep_resumes_and_repairs_last_line(tmp_path):
     out = tmp_path / "small"
     first = run_sweep(SMALL_GRID, out, quick=True, workers=1, log=quiet, progress=False)
-    assert len(first) == 2 and len(runs_file_lines(out)) == 2
+    assert len(first) == 2
+    assert len(runs_file_lines(out)) == 2
 
     # a finished sweep runs nothing again
     lines = []
     again = run_sweep(SMALL_GRID, out, quick=True, workers=1, log=lines.append, progress=False)
-    assert "2 already in" in lines[0] and "0 to run" in lines[0]
+    assert "2 already in" in lines[0]
+    assert "0 to run" in lines[0]
     assert [r["point"] for r in again] == [r["point"] for r in first]
 
     # an interrupted write leaves half a line: it is reported, dropped and its run repeated
@@ -205,7 +212,8 @@ def test_sweep_resumes_and_repairs_last_line(tmp_path):
     (out / "runs.jsonl").write_text(text[: len(text) - 40])
     with pytest.warns(UserWarning, match="ignoring the corrupt last line 2"):
         repaired = run_sweep(SMALL_GRID, out, quick=True, workers=1, log=quiet, progress=False)
-    assert len(repaired) == 2 and len(runs_file_lines(out)) == 2
+    assert len(repaired) == 2
+    assert len(runs_file_lines(out)) == 2
     for line in runs_file_lines(out):
         json.loads(line)
     repeated = {point_key(r["point"]): r for r in repaired}
@@ -225,7 +233,8 @@ def test_diverged_run_is_recorded(monkeypatch):
     base_eval = {dist: {"metrics": metrics} for dist in ("P", "Q")}
     record = run_point(point, QUICK_RECIPE, None, base_eval, {"format": RUNS_FORMAT})
     assert record["error"] == "training diverged: loss is nan at step 3"
-    assert record["point"] == point and record["method"] == "lora"
+    assert record["point"] == point
+    assert record["method"] == "lora"
 
 
 def synthetic_records():
@@ -248,7 +257,8 @@ def test_report_statistics_over_seeds():
     records = synthetic_records()
     stats = aggregate([r for r in records if r["point"]["task"] == "overlap-3" and r["method"] == "disel"])
     assert stats["seeds"] == 3
-    assert stats["P"][0] == pytest.approx(0.71) and stats["P"][1] == pytest.approx(np.std([0.7, 0.71, 0.72], ddof=1))
+    assert stats["P"][0] == pytest.approx(0.71)
+    assert stats["P"][1] == pytest.approx(np.std([0.7, 0.71, 0.72], ddof=1))
     assert stats["gate_Q"] == pytest.approx((0.7, 0.0))
     lines = axis_lines(records, "task")
     assert set(lines) == {"lora r8", "disel r8 b_g=-3 gate lr x5"}
