@@ -7,6 +7,8 @@
 * ``by_<axis>.png``: retention on P, drift ``KL(base ‖ tuned)`` on P, score
   on Q and DISeL's mean gate on P and Q inputs against each grid axis that
   takes more than one value, other axes fixed.
+* ``gates.png``: the layer x module heatmap of DISeL's mean gates on P and Q
+  inputs for the first DISeL series of the grid, averaged over seeds.
 * ``summary.md``: the mean and standard deviation over seeds of every series.
 
 The score is exact-match accuracy, or the NLL (in nats) for tasks without
@@ -20,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from minidisel.checkpoint import atomic_write
+from minidisel.gates import plot_gate_heatmap
 from minidisel.plots import COLORS
 
 SERIES_AXES = ("method", "rank", "gate_bias_init", "gate_lr_multiplier")
@@ -237,14 +240,41 @@ def format_summary(records):
     return "\n".join(lines) + "\n"
 
 
+def first_disel_series(records):
+    """Return the runs (one per seed) of the first DISeL series in grid order, or None."""
+    for members in group(records, PANEL_AXES + SERIES_AXES).values():
+        if members[0]["method"] == "disel":
+            return members
+    return None
+
+
+def seed_mean_gates(members):
+    """Average DISeL's per-layer mean gates ``{dist: {path: mean}}`` over the runs of one series."""
+    return {
+        dist: {path: float(np.mean([r["gates"][dist][path] for r in members])) for path in members[0]["gates"][dist]}
+        for dist in members[0]["gates"]
+    }
+
+
+def plot_series_gates(members):
+    """Draw the layer x module heatmap of one DISeL series' gates, averaged over seeds; return the figure."""
+    point = members[0]["point"]
+    title = f"{series_label(point)}, {panel_title((point['task'], point['width'], point['steps']))}, mean of {len(members)} seeds"
+    return plot_gate_heatmap(seed_mean_gates(members), title)
+
+
 def write_report(out, records):
-    """Write ``tradeoff.png``, one ``by_<axis>.png`` per varying axis and ``summary.md`` to ``out``; return the names."""
+    """Write ``tradeoff.png``, ``gates.png``, one ``by_<axis>.png`` per varying axis and ``summary.md``; return the names."""
     out = Path(out)
     succeeded = [r for r in records if "error" not in r]
     names = []
     if succeeded:
         plot_tradeoff(succeeded).savefig(out / "tradeoff.png", dpi=120)
         names.append("tradeoff.png")
+        series = first_disel_series(succeeded)
+        if series is not None:
+            plot_series_gates(series).savefig(out / "gates.png", dpi=120)
+            names.append("gates.png")
         for axis in PLOTTED_AXES:
             if axis_lines(succeeded, axis):
                 plot_axis(succeeded, axis).savefig(out / f"by_{axis}.png", dpi=120)

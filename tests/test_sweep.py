@@ -270,7 +270,7 @@ def test_report_statistics_over_seeds():
 def test_report_writes_figures(tmp_path):
     records = synthetic_records() + [{"point": {"method": "lora"}, "error": "diverged"}]
     names = write_report(tmp_path, records)
-    assert names == ["tradeoff.png", "by_task.png", "summary.md"]
+    assert names == ["tradeoff.png", "gates.png", "by_task.png", "summary.md"]
     assert "1 runs failed" in (tmp_path / "summary.md").read_text()
     for name in names:
         assert (tmp_path / name).stat().st_size > 0
