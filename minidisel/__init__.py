@@ -27,16 +27,19 @@ from minidisel.adapters import (
     unmerge_adapters,
 )
 from minidisel.train import train
+from minidisel.gradcheck import check_gradients, numerical_gradient
 
 __all__ = [
     "AdapterConfig",
     "ModelConfig",
     "TrainConfig",
     "adapter_paths",
+    "check_gradients",
     "forward",
     "init_adapters",
     "init_params",
     "merge_adapters",
+    "numerical_gradient",
     "train",
     "unmerge_adapters",
 ]

@@ -20,6 +20,9 @@ def numerical_gradient(f, params, h=1e-6, paths=None, max_entries=None, rng=None
     at most that many entries per tensor with ``rng``.
     """
     flat = {path: np.asarray(value, dtype=np.float64) for path, value in flatten(params).items()}
+    unknown = [path for path in paths or () if path not in flat]
+    if unknown:
+        raise ValueError(f"paths {unknown} are not in params; its tensors are {', '.join(flat)}")
     differences = {}
     for path in paths or flat:
         indices = list(np.ndindex(flat[path].shape))
@@ -37,7 +40,10 @@ def central_difference(f, flat, path, index, h):
         shifted = dict(flat)
         shifted[path] = flat[path].copy()
         shifted[path][index] += step
-        values.append(float(f(unflatten(shifted))))
+        value = f(unflatten(shifted))
+        if np.ndim(value) != 0:
+            raise ValueError(f"f must return a scalar, got an array of shape {np.shape(value)}")
+        values.append(float(value))
     return (values[0] - values[1]) / (2.0 * h)
 
 
