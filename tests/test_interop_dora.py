@@ -1,170 +1,131 @@
-"""DoRA against PEFT's ``use_dora=True``, in float64: logits and gradients agree within 1e-10.
-
-Hugging Face's Llama computes RMSNorm and the rotary tables in float32 even
-for a float64 model (transformers 5.x), so the reference model gets exact
-float64 replacements for those two modules before it is compared.
-"""
-
-import types
+"""minidisel's DoRA against PEFT's ``use_dora=True``, in float64: logits, gradients and adapter files."""
 
 import numpy as np
 import pytest
-from autograd import grad
-
-from minidisel import AdapterConfig, ModelConfig, forward, init_adapters
-from minidisel.adapters import AdapterMode, dora_delta
-from minidisel.nn import cross_entropy
-from minidisel.tree import flatten, unflatten
-
-torch = pytest.importorskip("torch", reason="the DoRA cross-check needs PyTorch")
-transformers = pytest.importorskip("transformers", reason="the DoRA cross-check needs transformers")
-peft = pytest.importorskip("peft", reason="the DoRA cross-check needs peft")
 
 pytestmark = pytest.mark.interop
+torch = pytest.importorskip("torch", reason="the interop tests need PyTorch: pip install -e '.[interop]'")
+pytest.importorskip("transformers", reason="the interop tests need transformers: pip install -e '.[interop]'")
+peft = pytest.importorskip("peft", reason="the interop tests need PEFT: pip install -e '.[interop]'")
+
+from autograd import value_and_grad  # noqa: E402
+from interop_support import max_error, random_tokens, tiny_llama, torch_logits, use_float64_internals  # noqa: E402
+
+from minidisel import AdapterConfig, forward, init_adapters  # noqa: E402
+from minidisel.adapters import AdapterMode, dora_delta  # noqa: E402
+from minidisel.hf import load_hf_model  # noqa: E402
+from minidisel.keys import adapters_to_peft  # noqa: E402
+from minidisel.nn import cross_entropy  # noqa: E402
+from minidisel.peft_format import load_peft_adapter, save_peft_adapter  # noqa: E402
+from minidisel.tree import flatten, unflatten  # noqa: E402
 
 TOLERANCE = 1e-10
-MODEL = ModelConfig(vocab_size=11, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=12, max_seq_len=16, arch="llama")
-ADAPTER = AdapterConfig(method="dora", r=3, lora_alpha=5.0)
-# PEFT's name for each minidisel DoRA tensor, after the layer's module path
-PEFT_SUFFIXES = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"}
-PEFT_PREFIX = "base_model.model.model."
+CASES = [
+    dict(r=3, lora_alpha=5, use_rslora=False, target_modules="all-linear"),
+    dict(r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+]
 
 
-def exact_rms_norm(self, x):
-    """RMSNorm without the float32 round trip."""
-    return self.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+def peft_dora(folder, case, seed=0):
+    """Return a PEFT DoRA model on a tiny Llama with B and m moved away from their initial values.
 
-
-def exact_rotary(self, x, position_ids):
-    """Rotary cosine and sine tables computed in float64."""
-    K = MODEL.head_dim
-    inv_freq = 1.0 / MODEL.rope_theta ** (torch.arange(0, K, 2, dtype=torch.float64) / K)
-    angles = position_ids[..., None].double() * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-
-
-def reference_llama():
-    """Build a random float64 LlamaForCausalLM of MODEL's sizes, with exact float64 norms and rotary tables."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=MODEL.vocab_size,
-        hidden_size=MODEL.d_model,
-        intermediate_size=MODEL.mlp_dim,
-        num_hidden_layers=MODEL.n_layers,
-        num_attention_heads=MODEL.n_heads,
-        num_key_value_heads=MODEL.kv_heads,
-        max_position_embeddings=MODEL.max_seq_len,
-        rms_norm_eps=MODEL.norm_eps,
-        rope_theta=MODEL.rope_theta,
-        tie_word_embeddings=False,
-        initializer_range=0.3,
-        attn_implementation="sdpa",  # the eager path computes its softmax in float32
-    )
-    model = transformers.LlamaForCausalLM(config).double()
-    for module in model.modules():
-        if type(module).__name__ == "LlamaRMSNorm":
-            module.forward = types.MethodType(exact_rms_norm, module)
-        if type(module).__name__ == "LlamaRotaryEmbedding":
-            module.forward = types.MethodType(exact_rotary, module)
+    The base model is saved to ``folder / "base"``, the initial adapter to
+    ``folder / "initial"`` and the changed adapter to ``folder / "adapter"``.
+    """
+    base = tiny_llama(2, seed)
+    base.save_pretrained(folder / "base")
+    model = peft.get_peft_model(base, peft.LoraConfig(lora_dropout=0.0, use_dora=True, **case))
+    model.save_pretrained(folder / "initial")
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            if "lora_B" in name:
+                parameter.copy_(0.3 * noise)
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1.0 + 0.2 * noise)
+    model.save_pretrained(folder / "adapter")
     return model
 
 
-def base_params(model):
-    """Convert the Hugging Face state dict into minidisel's parameter tree (names without ``model.``)."""
-    flat = {name.removeprefix("model."): value.detach().numpy().copy() for name, value in model.state_dict().items()}
-    return unflatten(flat)
+def saved_key(name):
+    """Return the saved PEFT key of a parameter name: no adapter name, no ``.weight`` after the magnitude."""
+    return name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
 
 
-def peft_dora_model(reference, seed=1):
-    """Wrap ``reference`` in PEFT DoRA and move B and m away from their initial values."""
-    model = peft.get_peft_model(
-        reference,
-        peft.LoraConfig(
-            r=ADAPTER.r,
-            lora_alpha=ADAPTER.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=list(MODEL.linear_modules),
-            use_dora=True,
-        ),
-    ).double()
-    initial = {name: value.detach().clone() for name, value in peft.get_peft_model_state_dict(model).items()}
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
-            if "lora_magnitude_vector" in name:
-                parameter.mul_(1.0 + 0.2 * torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
-    return model, initial
+@pytest.mark.parametrize("case", CASES, ids=["all-linear", "rslora-some"])
+def test_dora_magnitude_init_matches_peft(case, tmp_path, monkeypatch):
+    use_float64_internals(monkeypatch)
+    peft_dora(tmp_path, case)
+    config, params = load_hf_model(tmp_path / "base")
+    adapter_config, initial = load_peft_adapter(tmp_path / "initial", config)
+    assert adapter_config.method == "dora"
+    ours = flatten(init_adapters(params, config, adapter_config, np.random.default_rng(0)))
+    magnitudes = [path for path in ours if path.endswith(".m")]
+    assert magnitudes
+    for path in magnitudes:
+        assert max_error(ours[path], flatten(initial)[path]) <= TOLERANCE, path
 
 
-def adapters_from_peft(state_dict):
-    """Convert PEFT's adapter state dict into a minidisel adapter tree."""
-    flat = {}
-    for name, value in state_dict.items():
-        module, suffix = next(
-            (name.removeprefix(PEFT_PREFIX).removesuffix("." + peft_suffix), key)
-            for key, peft_suffix in PEFT_SUFFIXES.items()
-            if name.endswith("." + peft_suffix)
-        )
-        flat[f"{module}.{suffix}"] = value.detach().numpy().copy()
-    return unflatten(flat)
+@pytest.mark.parametrize("case", CASES, ids=["all-linear", "rslora-some"])
+def test_dora_logits_and_gradients_match_peft(case, tmp_path, monkeypatch):
+    use_float64_internals(monkeypatch)
+    model = peft_dora(tmp_path, case)
+    config, params = load_hf_model(tmp_path / "base")
+    adapter_config, adapters = load_peft_adapter(tmp_path / "adapter", config)
+    tokens = random_tokens(config.vocab_size, seed=1)
+    targets = random_tokens(config.vocab_size, seed=2)
 
+    # PEFT: logits, loss and gradients
+    logits = model(input_ids=torch.as_tensor(tokens)).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.as_tensor(targets).flatten())
+    loss.backward()
+    theirs = {saved_key(name): p.grad.numpy() for name, p in model.named_parameters() if p.requires_grad}
 
-@pytest.fixture(scope="module")
-def pair():
-    """Return the PEFT model, its initial adapter state, minidisel params and adapters, and a batch."""
-    reference = reference_llama()
-    params = base_params(reference)  # before PEFT wraps the linear layers in place
-    model, initial = peft_dora_model(reference)
-    adapters = adapters_from_peft(peft.get_peft_model_state_dict(model))
-    rng = np.random.default_rng(2)
-    tokens = rng.integers(0, MODEL.vocab_size, size=(3, 9))
-    targets = rng.integers(0, MODEL.vocab_size, size=(3, 9))
-    return model, initial, params, adapters, tokens, targets
-
-
-def test_magnitude_init_matches_peft(pair):
-    _, initial, params, _, _, _ = pair
-    ours = flatten(init_adapters(params, MODEL, ADAPTER, np.random.default_rng(0)))
-    theirs = adapters_from_peft(initial)
-    for path, value in flatten(theirs).items():
-        if path.endswith(".m"):
-            assert np.allclose(ours[path], value, rtol=0, atol=TOLERANCE), path
-    assert sum(path.endswith(".m") for path in ours) == MODEL.n_layers * len(MODEL.linear_modules)
-
-
-def test_logits_match_peft(pair):
-    model, _, params, adapters, tokens, _ = pair
-    model.eval()
-    with torch.no_grad():
-        theirs = model(torch.tensor(tokens)).logits.numpy()
-    ours = forward(params, tokens, MODEL, adapters, ADAPTER)
-    assert np.max(np.abs(ours - theirs)) <= TOLERANCE
-    assert np.max(np.abs(ours - forward(params, tokens, MODEL))) > 1e-2  # the adapter changes the output
-
-
-def test_gradients_match_peft(pair):
-    model, _, params, adapters, tokens, targets = pair
-    model.train()
-    model.zero_grad()
-    logits = model(torch.tensor(tokens)).logits
-    torch.nn.functional.cross_entropy(logits.reshape(-1, MODEL.vocab_size), torch.tensor(targets).reshape(-1)).backward()
-    # parameter names carry the adapter name and, for the magnitude, a ".weight" the saved key drops
-    theirs = adapters_from_peft({
-        name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): parameter.grad
-        for name, parameter in model.named_parameters()
-        if parameter.requires_grad
-    })
-
+    # minidisel: the same, keyed by PEFT's names
     mask = np.ones(tokens.shape, dtype=bool)
-    ours = grad(lambda a: cross_entropy(forward(params, tokens, MODEL, a, ADAPTER, training=True), targets, mask))(adapters)
-    expected = flatten(theirs)
-    assert set(flatten(ours)) == set(expected)
-    for path, value in flatten(ours).items():
-        assert np.max(np.abs(value - expected[path])) <= TOLERANCE, path
-        assert np.any(value != 0.0), path
+
+    def loss_of(trainable):
+        return cross_entropy(forward(params, tokens, config, trainable, adapter_config), targets, mask)
+
+    our_loss, grads = value_and_grad(loss_of)(adapters)
+    ours = adapters_to_peft(grads, config, adapter_config)
+
+    error = max_error(forward(params, tokens, config, adapters, adapter_config), logits.detach().numpy())
+    gradient_error = max(max_error(gradient, theirs.get(key, np.inf)) for key, gradient in ours.items())
+    print(f"DoRA {case['target_modules']}: max |logits error| = {error:.3e}, max |gradient error| = {gradient_error:.3e}")
+    assert error <= TOLERANCE
+    assert max_error(forward(params, tokens, config), logits.detach().numpy()) > 1e-2  # the adapter changes the output
+    assert abs(float(our_loss) - loss.item()) <= TOLERANCE
+    assert set(ours) == set(theirs)
+    assert any(key.endswith(".lora_magnitude_vector") for key in ours)
+    for key, gradient in ours.items():
+        assert max_error(gradient, theirs[key]) <= TOLERANCE, key
+        assert np.any(gradient != 0.0), key
+
+
+def test_minidisel_dora_adapter_loads_in_peft(tmp_path, monkeypatch):
+    use_float64_internals(monkeypatch)
+    base = tiny_llama(2, seed=4)
+    base.save_pretrained(tmp_path / "base")
+    config, params = load_hf_model(tmp_path / "base")
+    adapter_config = AdapterConfig(method="dora", r=2, lora_alpha=3.0, target_modules=("k_proj", "up_proj"))
+    rng = np.random.default_rng(5)
+    adapters = init_adapters(params, config, adapter_config, rng)
+    changed = {}
+    for path, value in flatten(adapters).items():
+        if path.endswith(".B"):
+            value = 0.3 * rng.standard_normal(value.shape)
+        if path.endswith(".m"):
+            value = value * (1.0 + 0.2 * rng.standard_normal(value.shape))
+        changed[path] = value
+    adapters = unflatten(changed)
+    save_peft_adapter(tmp_path / "adapter", adapters, config, adapter_config)
+
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    tokens = random_tokens(config.vocab_size, seed=6)
+    error = max_error(forward(params, tokens, config, adapters, adapter_config), torch_logits(loaded, tokens))
+    assert error <= TOLERANCE
 
 
 class FixedDropout(torch.nn.Module):
@@ -178,7 +139,7 @@ class FixedDropout(torch.nn.Module):
         return x * self.keep / (1.0 - self.rate)
 
 
-def test_dropout_and_bias_match_peft():
+def test_dora_dropout_and_bias_match_peft():
     torch.manual_seed(3)
     rate, rng_seed = 0.25, 11
     network = torch.nn.Sequential()
@@ -191,8 +152,9 @@ def test_dropout_and_bias_match_peft():
     with torch.no_grad():
         layer.lora_B["default"].weight.copy_(torch.randn(5, 2, dtype=torch.float64))
 
+    # PEFT in training mode, dropping the entries that minidisel's first draw from rng_seed drops
     x = np.random.default_rng(5).standard_normal((4, 6))
-    keep = np.random.default_rng(rng_seed).random(x.shape) >= rate  # the mask minidisel draws first
+    keep = np.random.default_rng(rng_seed).random(x.shape) >= rate
     layer.lora_dropout["default"] = FixedDropout(torch.tensor(keep), rate)
     wrapped.train()
     theirs = layer(torch.tensor(x)).detach().numpy()
@@ -206,4 +168,4 @@ def test_dropout_and_bias_match_peft():
     adapter_config = AdapterConfig(method="dora", r=2, lora_alpha=3.0, lora_dropout=rate)
     mode = AdapterMode(adapter_config, training=True, rng=np.random.default_rng(rng_seed))
     ours = x @ W.T + b + dora_delta(x, W, p, mode)
-    assert np.max(np.abs(ours - theirs)) <= TOLERANCE
+    assert max_error(ours, theirs) <= TOLERANCE
