@@ -184,7 +184,9 @@ def adapter_config_from_peft(config, model_config, source):
         raise CheckpointError(f"{source} sets both use_dora and DISeL gate fields; an adapter is one or the other")
 
     fields["target_modules"] = resolve_targets(config, model_config, source)
-    method = "dora" if config.get("use_dora") else "disel" if disel else "lora"
+    method = "disel" if disel else "lora"
+    if config.get("use_dora"):
+        method = "dora"
     try:
         return AdapterConfig(method=method, **fields)
     except (TypeError, ValueError) as error:

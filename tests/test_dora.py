@@ -50,7 +50,8 @@ def test_dora_init_magnitude_is_row_norm():
         W = params["layers"][i][group][name]["weight"]
         layer = adapters["layers"][i][group][name]
         assert set(layer) == {"A", "B", "m"}
-        assert layer["m"].shape == (W.shape[0],) and layer["m"].dtype == W.dtype
+        assert layer["m"].shape == (W.shape[0],)
+        assert layer["m"].dtype == W.dtype
         assert np.allclose(layer["m"], np.linalg.norm(W, axis=1), rtol=1e-15)
         assert np.all(layer["B"] == 0.0)
 
