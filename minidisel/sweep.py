@@ -242,6 +242,7 @@ def run_sweep(spec, out, quick=False, workers=None, use_cache=True, source="the 
 
     requested = {point_key(point) for point in points}
     selected = [record for record in records if point_key(record["point"]) in requested]
-    for name in write_report(out, selected):
+    reference = {"gate_bias_init": recipe.adapter.gate_bias_init, "gate_lr_multiplier": recipe.adapter.gate_lr_multiplier}
+    for name in write_report(out, selected, reference):
         log(f"wrote {Path(out) / name}")
     return selected

@@ -50,13 +50,15 @@ def mean_std(values):
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def series_label(point, extra=()):
-    """Return a legend label such as ``disel r8 b_g=-3 gate lr x5``."""
+def series_label(point, extra=(), omit=None):
+    """Return a legend label such as ``disel r8 b_g=-3 gate lr x5``, without the axis ``omit``."""
     parts = [point["method"]]
-    if point["rank"] is not None:
+    if point["rank"] is not None and omit != "rank":
         parts.append(f"r{point['rank']}")
-    if point["gate_bias_init"] is not None:
-        parts.append(f"b_g={point['gate_bias_init']:g} gate lr x{point['gate_lr_multiplier']:g}")
+    if point["gate_bias_init"] is not None and omit != "gate_bias_init":
+        parts.append(f"b_g={point['gate_bias_init']:g}")
+    if point["gate_lr_multiplier"] is not None and omit != "gate_lr_multiplier":
+        parts.append(f"gate lr x{point['gate_lr_multiplier']:g}")
     parts += [f"{axis}={point[axis]}" for axis in extra]
     return " ".join(parts)
 
@@ -113,8 +115,29 @@ def series_style(point, ranks, gate_settings):
     return tuple(np.array([0.1, 0.45, 0.1]) * (1 - shade) + np.array([0.6, 0.9, 0.3]) * shade), marker
 
 
-def plot_tradeoff(records):
-    """Draw score on Q against retention on P, one panel per (task, width, steps); return the figure."""
+def at_reference_gates(records, reference):
+    """Keep every run except DISeL runs whose gate settings differ from ``reference`` (if any run has them)."""
+    if reference is None:
+        return records
+    setting = (reference["gate_bias_init"], reference["gate_lr_multiplier"])
+
+    def keep(record):
+        point = record["point"]
+        return point["method"] != "disel" or (point["gate_bias_init"], point["gate_lr_multiplier"]) == setting
+
+    kept = [r for r in records if keep(r)]
+    has_disel = any(r["point"]["method"] == "disel" for r in kept)
+    return kept if has_disel or not any(r["point"]["method"] == "disel" for r in records) else records
+
+
+def plot_tradeoff(records, reference=None):
+    """Draw score on Q against retention on P, one panel per (task, width, steps); return the figure.
+
+    With ``reference`` (``{"gate_bias_init", "gate_lr_multiplier"}``), DISeL
+    appears only at those gate settings, so each method and rank is one marker;
+    ``by_gate_*.png`` shows the other settings.
+    """
+    records = at_reference_gates(records, reference)
     panels = group(records, PANEL_AXES)
     ranks = sorted({r["point"]["rank"] for r in records if r["point"]["rank"] is not None})
     gate_settings = sorted({(r["point"]["gate_bias_init"], r["point"]["gate_lr_multiplier"]) for r in records if r["point"]["method"] == "disel"})
@@ -149,21 +172,35 @@ def plot_tradeoff(records):
     return figure
 
 
+def value_order(axis, value):
+    """Sort key of a grid value: tasks by shared digits (``disjoint`` first), numbers by size."""
+    if axis != "task":
+        return (0, value)
+    if value == "disjoint":
+        return (0, 0)
+    if value.startswith("overlap-"):
+        return (0, int(value.rsplit("-", 1)[1]))
+    return (1, value)
+
+
 def axis_values(records, axis):
-    """Return the distinct non-None values of ``axis``, in order of first appearance."""
-    return list(dict.fromkeys(r["point"][axis] for r in records if r["point"][axis] is not None))
+    """Return the distinct non-None values of ``axis``, sorted."""
+    values = {r["point"][axis] for r in records if r["point"][axis] is not None}
+    return sorted(values, key=lambda value: value_order(axis, value))
 
 
 def axis_lines(records, axis):
     """Return ``{label: {axis value: stats}}``: one line per setting of the other axes, with at least two values."""
     others = [a for a in SERIES_AXES + PANEL_AXES if a != axis]
-    varying = [a for a in PANEL_AXES if a != axis and len(axis_values(records, a)) > 1]
+    candidates = [members for members in group(records, others).values() if len(group(members, (axis,))) >= 2]
+    chosen = [r for members in candidates for r in members]
+    varying = [a for a in PANEL_AXES if a != axis and len(axis_values(chosen, a)) > 1]
     lines = {}
-    for members in group(records, others).values():
+    for members in candidates:
         by_value = group(members, (axis,))
-        if len(by_value) >= 2:
-            label = series_label(members[0]["point"], varying)
-            lines[label] = {value: aggregate(runs) for (value,), runs in by_value.items()}
+        ordered = sorted(by_value.items(), key=lambda item: value_order(axis, item[0][0]))
+        label = series_label(members[0]["point"], varying, omit=axis)
+        lines[label] = {value: aggregate(runs) for (value,), runs in ordered}
     return lines
 
 
@@ -191,7 +228,7 @@ def plot_axis(records, axis):
         for panel, (statistic, _) in zip(axes, panels):
             draw_statistic(panel, x, list(points.values()), statistic, label, style)
 
-    base = {value: aggregate(runs)["base_P"][0] for (value,), runs in group(records, (axis,)).items()}
+    base = {value: aggregate(runs)["base_P"][0] for (value,), runs in group(records, (axis,)).items() if value is not None}
     axes[0].plot([values.index(v) for v in base], list(base.values()), color="black", linestyle="--", label="base model")
     for panel, (_, label_text) in zip(axes, panels):
         panel.set_xticks(range(len(values)), [str(value) for value in values], rotation=30 if axis == "task" else 0)
@@ -199,6 +236,7 @@ def plot_axis(records, axis):
         panel.set_ylabel(label_text, fontsize=9)
         panel.grid(alpha=0.3)
     axes[1].set_yscale("symlog", linthresh=1e-3)
+    axes[1].set_ylim(bottom=0.0)
     limited = [0, 2] if has_accuracy(records) else []
     for index in limited + ([3] if len(panels) == 4 else []):
         axes[index].set_ylim(-0.03, 1.03)
@@ -263,13 +301,13 @@ def plot_series_gates(members):
     return plot_gate_heatmap(seed_mean_gates(members), title)
 
 
-def write_report(out, records):
+def write_report(out, records, reference=None):
     """Write ``tradeoff.png``, ``gates.png``, one ``by_<axis>.png`` per varying axis and ``summary.md``; return the names."""
     out = Path(out)
     succeeded = [r for r in records if "error" not in r]
     names = []
     if succeeded:
-        plot_tradeoff(succeeded).savefig(out / "tradeoff.png", dpi=120)
+        plot_tradeoff(succeeded, reference).savefig(out / "tradeoff.png", dpi=120)
         names.append("tradeoff.png")
         series = first_disel_series(succeeded)
         if series is not None:

@@ -267,6 +267,16 @@ def test_report_statistics_over_seeds():
     assert "| overlap-3 | 64 | 300 | disel | 8 | -3.0 | 5.0 | 3 | 1.000 ± 0.000 | 0.710 ± 0.010 |" in summary
 
 
+def test_report_rank_axis_skips_full_fine_tuning(tmp_path):
+    records = [r for r in synthetic_records() if r["point"]["task"] == "overlap-0"]
+    for record in [r for r in records if r["method"] == "lora"]:
+        records.append({**record, "point": {**record["point"], "rank": 2}})
+        records.append({**record, "method": "full", "point": {**record["point"], "method": "full", "rank": None}})
+    names = write_report(tmp_path, records)
+    assert "by_rank.png" in names
+    assert list(axis_lines(records, "rank")) == ["lora"]
+
+
 def test_report_writes_figures(tmp_path):
     records = synthetic_records() + [{"point": {"method": "lora"}, "error": "diverged"}]
     names = write_report(tmp_path, records)
