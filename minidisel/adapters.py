@@ -38,6 +38,7 @@ from minidisel.config import AdapterConfig, ModelConfig
 from minidisel.nn import linear, sigmoid, stop_gradient
 
 GATE_KEYS = ("W_g", "b_g", "U", "V")
+MERGED_MARKER = "lora_merged"  # key of the empty dict that marks a layer whose weight contains a merged update
 
 
 @dataclass(frozen=True)
@@ -197,15 +198,28 @@ def merge_adapters(base, adapters, adapter_config):
     LoRA: ``W <- W + s B A``. DoRA, as PEFT merges it: ``W <- (m / n) ⊙ (W + s B A)``
     row by row, bias unchanged. A DISeL update depends on the input through its
     gates, so no single weight matrix can replace it, and merging raises.
+
+    Each merged layer of the copy carries the marker ``"lora_merged": {}``.
+    The empty dict contains no array, so the tree stays a nested dict of
+    float arrays and gains no parameter. Autograd, the optimiser and
+    parameter counts ignore it, and the forward pass reads only ``weight``
+    and ``bias``. Merging into a layer that carries the marker raises
+    instead of adding the update twice.
+
+    NOTE: checkpoints store arrays only, so a merged tree that is saved and
+    loaded again has lost its markers.
     """
-    if adapter_config.method == "dora":
-        return _map_adapted_weights(base, adapters, lambda W, p: merged_dora_weight(W, p, adapter_config))
     check_mergeable(adapter_config)
-    return _fold(base, adapters, adapter_config, sign=1.0)
+    return _fold(base, adapters, adapter_config, merging=True)
 
 
 def unmerge_adapters(merged, adapters, adapter_config):
     """Return a copy of ``merged`` with each LoRA update removed: ``W <- W - s B A``.
+
+    Every adapted layer must carry the marker that :func:`merge_adapters`
+    sets, and the copy drops it. The restored weight equals the original up
+    to rounding, because ``(W + D) - D`` differs from ``W`` by at most one
+    rounding of ``W + D`` and one of the difference.
 
     Only LoRA unmerges. A merged DoRA weight ``(m / n) ⊙ (W + s B A)`` has row
     norms ``m`` whatever ``n`` was, so neither ``n`` nor ``W`` can be recovered
@@ -217,12 +231,7 @@ def unmerge_adapters(merged, adapters, adapter_config):
             "row norms n = ||W + s·B·A|| it was scaled by; keep the base parameters that merge_adapters copied"
         )
     check_mergeable(adapter_config)
-    return _fold(merged, adapters, adapter_config, sign=-1.0)
-
-
-def merged_dora_weight(W, p, config):
-    """Return PEFT's merged DoRA weight ``(m / n) ⊙ (W + s B A)``, one scale per row: (out, in)."""
-    return dora_scale(W, p, config)[:, None] * (W + config.scaling * (p["B"] @ p["A"]))
+    return _fold(merged, adapters, adapter_config, merging=False)
 
 
 def check_mergeable(adapter_config):
@@ -235,20 +244,46 @@ def check_mergeable(adapter_config):
         )
 
 
-def _fold(base, adapters, adapter_config, sign):
-    s = adapter_config.scaling
-    return _map_adapted_weights(base, adapters, lambda W, p: W + sign * s * (p["B"] @ p["A"]))
+def merged_dora_weight(W, p, config):
+    """Return PEFT's merged DoRA weight ``(m / n) ⊙ (W + s B A)``, one scale per row: (out, in)."""
+    return dora_scale(W, p, config)[:, None] * (W + config.scaling * (p["B"] @ p["A"]))
 
 
-def _map_adapted_weights(base, adapters, update):
-    """Return a copy of ``base`` whose adapted weights ``W`` are replaced by ``update(W, adapter)``."""
-    merged = copy_tree(base)
+def folded_weight(W, p, config, merging):
+    """Return the weight ``W`` with the adapter's update merged in, or (LoRA only) removed."""
+    if config.method == "dora":
+        return merged_dora_weight(W, p, config)
+    sign = 1.0 if merging else -1.0
+    return W + sign * config.scaling * (p["B"] @ p["A"])
+
+
+def _fold(tree, adapters, adapter_config, merging):
+    folded = copy_tree(tree)
     for index, groups in adapters["layers"].items():
         for group, layers in groups.items():
             for name, p in layers.items():
-                target = merged["layers"][index][group][name]
-                target["weight"] = update(target["weight"], p)
-    return merged
+                target = folded["layers"][index][group][name]
+                check_merge_state(target, f"layers.{index}.{group}.{name}", merging)
+                target["weight"] = folded_weight(target["weight"], p, adapter_config, merging)
+                if merging:
+                    target[MERGED_MARKER] = {}
+                else:
+                    del target[MERGED_MARKER]
+    return folded
+
+
+def check_merge_state(layer, path, merging):
+    """Raise unless the layer at ``path`` is unmerged (before a merge) or merged (before an unmerge)."""
+    if merging and MERGED_MARKER in layer:
+        raise ValueError(
+            f"cannot merge into {path}: its weight already contains a merged LoRA update (key "
+            f"{MERGED_MARKER!r}). Merge into the unmerged base tree, or call unmerge_adapters first"
+        )
+    if not merging and MERGED_MARKER not in layer:
+        raise ValueError(
+            f"cannot unmerge {path}: its weight contains no merged LoRA update (key {MERGED_MARKER!r} "
+            "is missing). Pass the tree that merge_adapters returned"
+        )
 
 
 def copy_tree(tree):

@@ -85,6 +85,12 @@ class ModelConfig:
             raise ValueError(
                 f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
             )
+        if self.arch == "llama" and self.head_dim % 2:
+            # rotary embeddings rotate the head's features in pairs
+            raise ValueError(
+                f"d_model / n_heads (the head width) must be even for arch='llama', got "
+                f"d_model={self.d_model}, n_heads={self.n_heads}, head width {self.head_dim}"
+            )
         if self.n_kv_heads is not None:
             check_int("n_kv_heads", self.n_kv_heads)
             if self.arch == "gpt" and self.n_kv_heads != self.n_heads:

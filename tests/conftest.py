@@ -1,9 +1,21 @@
 """Shared fixtures: tiny models of both architectures and a fresh cache folder."""
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from minidisel import AdapterConfig, ModelConfig, init_adapters, init_params
+
+# Hypothesis profiles for the property tests: "ci" (the default) is fixed and fast;
+# MINIDISEL_HYPOTHESIS_PROFILE=thorough draws ten times as many random examples.
+settings.register_profile(
+    "ci", max_examples=40, derandomize=True, database=None, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", settings.get_profile("ci"), max_examples=400, derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("MINIDISEL_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)

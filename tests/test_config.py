@@ -16,6 +16,7 @@ from minidisel import AdapterConfig, ModelConfig, TrainConfig
         ({"dtype": "float16"}, ValueError, "dtype must be one of"),
         ({"arch": "llama", "n_kv_heads": 3}, ValueError, "multiple of n_kv_heads"),
         ({"n_kv_heads": 2}, ValueError, "n_kv_heads must equal n_heads for arch='gpt'"),
+        ({"arch": "llama", "d_model": 12, "n_heads": 4}, ValueError, "head width) must be even for arch='llama'"),
         ({"norm_eps": 0.0}, ValueError, "norm_eps must be in (0.0, inf]"),
         ({"vocab_size": -3}, ValueError, "vocab_size must be >= 1, got -3"),
     ],
