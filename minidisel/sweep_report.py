@@ -255,6 +255,13 @@ def draw_statistic(panel, x, points, statistic, label, style):
             panel.errorbar(x, means, yerr=spreads, alpha=0.85, **{**style, "linestyle": linestyle})
 
 
+def series_order(point):
+    """Sort key of a table row: task, width, steps, method, then rank and gate settings."""
+    methods = ("full", "lora", "dora", "disel")
+    order = [value_order("task", point["task"]), point["width"], point["steps"], methods.index(point["method"])]
+    return order + [(value is None, value or 0) for value in (point["rank"], point["gate_bias_init"], point["gate_lr_multiplier"])]
+
+
 def format_summary(records):
     """Return a Markdown table of every series: mean ± standard deviation over seeds."""
     accuracy = has_accuracy(records)
@@ -262,7 +269,7 @@ def format_summary(records):
     header = (f"| task | width | steps | method | r | b_g | gate lr x | seeds | base P {kind} | P {kind} | Q {kind} "
               "| KL on P | gate on P | gate on Q |")
     lines = [header, "|" + "---|" * 14]
-    for series in group(records, PANEL_AXES + SERIES_AXES).values():
+    for series in sorted(group(records, PANEL_AXES + SERIES_AXES).values(), key=lambda runs: series_order(runs[0]["point"])):
         p, stats = series[0]["point"], aggregate(series)
 
         def cell(name, digits=3):
