@@ -31,7 +31,7 @@ def add_sweep_parser(commands):
     """Add ``minidisel sweep``."""
     sweep = commands.add_parser("sweep", help="run the demo's experiment over a grid and plot the accuracy-retention trade-off")
     sweep.add_argument("--config", default=None, help="grid file, .toml or .json (axes at the top level or a list 'grid' of sub-grids)")
-    sweep.add_argument("--out", required=True, help="folder for runs.jsonl, tradeoff.png, by_<axis>.png and summary.md")
+    sweep.add_argument("--out", required=True, help="folder for runs.jsonl, tradeoff.png, gates.png, by_<axis>.png and summary.md")
     for axis, text in SWEEP_AXIS_HELP.items():
         sweep.add_argument(f"--{axis.replace('_', '-')}", dest=axis, default=None, help=f"comma-separated {text}")
     sweep.add_argument("--quick", action="store_true", help="the tiny demo recipe and, without other axes, a grid that runs in seconds")

@@ -91,6 +91,8 @@ def append_run(path, record):
 def check_runs_writable(out):
     """Raise ``ValueError`` unless the runs file in ``out`` can be created or appended to."""
     path = Path(out) / RUNS_FILE
+    if path.exists() and not path.is_file():
+        raise ValueError(f"runs file {path} is not a regular file; remove it or choose another output folder")
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"runs file {path} is not writable")
     return path
