@@ -1,4 +1,4 @@
-"""Evaluation: task scores, drift from the base model, and gate summaries.
+"""Evaluation: task scores and drift from the base model.
 
 All metrics are computed on the scored positions of a batch (its ``mask``):
 
