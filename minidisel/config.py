@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 ARCHITECTURES = ("gpt", "llama")
 DTYPES = ("float64", "float32")
-METHODS = ("lora", "disel")
+METHODS = ("lora", "dora", "disel")
 GATE_WEIGHT_INITS = ("random", "zero")
 
 # Linear layers of each architecture, by their Hugging Face names.
@@ -125,7 +125,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """A LoRA or DISeL adapter on a set of linear layers.
+    """A LoRA, DoRA or DISeL adapter on a set of linear layers.
 
     ``target_modules`` lists layer names (``"q_proj"``, ``"up_proj"``, ...) or is
     ``"all-linear"``. ``gate_*`` fields apply to DISeL only.

@@ -31,7 +31,7 @@ def test_model_config_rejects(fields, error, words):
     "fields, error, words",
     [
         ({"r": 0}, ValueError, "r must be >= 1, got 0"),
-        ({"method": "dora"}, ValueError, "method must be one of"),
+        ({"method": "ia3"}, ValueError, "method must be one of"),
         ({"target_modules": ["q_proj", "attn"]}, ValueError, "unknown target module 'attn'"),
         ({"target_modules": []}, ValueError, "non-empty"),
         ({"gate_bias_init": math.inf}, ValueError, "gate_bias_init must be finite"),

@@ -42,7 +42,8 @@ def test_quick_demo_writes_results_json(tmp_path):
     assert set(gates) == {"P", "Q"} and set(gates["P"]) == set(gates["Q"])
     assert "layers.0.self_attn.q_proj" in gates["P"]
     assert all(0.0 < value < 1.0 for value in gates["P"].values())
-    assert (out / "training_curves.png").stat().st_size > 0 and (out / "gates.png").stat().st_size > 0
+    for figure in ("training_curves.png", "gates.png", "gate_histograms.png", "gate_ranks.png"):
+        assert (out / figure).stat().st_size > 0, figure
 
 
 def test_quick_demo_markov_has_no_accuracy():

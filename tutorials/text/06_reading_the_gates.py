@@ -16,18 +16,29 @@
 # matter; and what that says about where the adaptation happens.
 
 # %%
+# %matplotlib inline
 import platform
 from importlib.metadata import version
 
 import matplotlib.pyplot as plt
 import numpy
+from IPython.display import display
 
 import minidisel
 from minidisel import AdapterConfig, ModelConfig, TrainConfig, adapter_paths, forward
 from minidisel import nn
 from minidisel.adapters import gate_values
 from minidisel.experiment import Recipe, evaluate, evaluation_sets, finetune, pretrain
-from minidisel.metrics import mean_gates, predict, score
+from minidisel.gates import (
+    collect_gates,
+    format_gate_table,
+    mean_by_path,
+    plot_gate_heatmap,
+    plot_gate_histograms,
+    plot_rank_profile,
+    summarize_gates,
+)
+from minidisel.metrics import predict, score
 from minidisel.tasks import make_task
 from minidisel.tree import flatten, unflatten
 
@@ -96,27 +107,47 @@ assert numpy.allclose(gate_values(h, q_adapter, adapter_config), gates_P["layers
 print("recomputed gates of layers.0.self_attn.q_proj match the ones forward returned")
 
 # %% [markdown]
+# For everything that follows, `minidisel.gates` does the bookkeeping. `collect_gates` runs the model on
+# a batch of each distribution and returns `{dist: {path: (N, R)}}`, one row per token;
+# `summarize_gates` averages them by layer, module and rank component; `mean_by_path` and
+# `format_gate_table` give the mean gate per adapted layer.
+
+# %%
+values = collect_gates(params, eval_sets, config, adapters, adapter_config)
+R = adapter_config.r
+assert numpy.allclose(values["P"]["layers.0.self_attn.q_proj"], gates_P["layers.0.self_attn.q_proj"].reshape(-1, R), rtol=0, atol=1e-12)
+summary = summarize_gates(values)
+print(format_gate_table(mean_by_path(values)))
+
+# %% [markdown]
 # ## Gate values per layer, module and rank component
 #
-# The mean gate of each component over all tokens, on P inputs and on Q inputs, and the difference.
-# At initialisation every gate was close to $\sigma(-3)$; anything far from that, training moved.
+# First the mean gate per layer and module (over tokens and rank components), on P inputs and on Q
+# inputs. At initialisation every gate was close to $\sigma(-3)$; anything far from that, training moved.
+
+# %%
+display(plot_gate_heatmap(mean_by_path(values)))  # gates' figures are built without pyplot, so display them
+
+# %% [markdown]
+# A layer's mean hides its components. Here is the mean gate of every rank component
+# (`summary[dist]["rank"]`), on P, on Q, and the difference.
 
 # %%
 def short(path):
     return path.replace("layers.", "L").replace("self_attn.", "").replace("mlp.", "")
 
 
-mean_P = numpy.stack([gates_P[path].mean(axis=(0, 1)) for path in paths])  # (layers, R)
-mean_Q = numpy.stack([gates_Q[path].mean(axis=(0, 1)) for path in paths])
-assert numpy.allclose(mean_P.mean(axis=1), list(mean_gates(gates_P, numpy.ones((B, T), dtype=bool)).values()))
+mean_P = numpy.array([summary["P"]["rank"][path] for path in paths])  # (layers, R)
+mean_Q = numpy.array([summary["Q"]["rank"][path] for path in paths])
+assert numpy.allclose(mean_P, numpy.stack([gates_P[path].mean(axis=(0, 1)) for path in paths]))
 
 figure, axes = plt.subplots(1, 3, figsize=(11, 5), sharey=True)
-for axis, values, title, cmap, low, high in (
+for axis, grid, title, cmap, low, high in (
     (axes[0], mean_P, "mean gate on P", "viridis", 0, 1),
     (axes[1], mean_Q, "mean gate on Q", "viridis", 0, 1),
     (axes[2], mean_Q - mean_P, "Q minus P", "RdBu_r", -0.3, 0.3),
 ):
-    image = axis.imshow(values, cmap=cmap, vmin=low, vmax=high, aspect="auto")
+    image = axis.imshow(grid, cmap=cmap, vmin=low, vmax=high, aspect="auto")
     axis.set_title(title)
     axis.set_xticks(range(adapter_config.r), [f"i = {i}" for i in range(adapter_config.r)])
     axis.set_xlabel("rank component")
@@ -132,15 +163,18 @@ assert mean_Q.max() > 0.95
 # %% [markdown]
 # ## Histograms by input distribution
 #
-# Means hide the spread. For each adapted layer, the histogram of all its gate values (every token and
-# component) on P inputs and on Q inputs:
+# Means hide the spread. First all gate values pooled (`plot_gate_histograms`, note the log scale),
+# then, for each adapted layer, the histogram of its gate values (every token and component) on P
+# inputs and on Q inputs:
 
 # %%
+display(plot_gate_histograms(values))
+
 figure, axes = plt.subplots(2, 6, figsize=(15, 5), sharex=True)
 bins = numpy.linspace(0, 1, 26)
 for axis, path in zip(axes.ravel(), paths):
-    axis.hist(gates_P[path].ravel(), bins=bins, alpha=0.6, density=True, label="P inputs", color="tab:gray")
-    axis.hist(gates_Q[path].ravel(), bins=bins, alpha=0.6, density=True, label="Q inputs", color="tab:green")
+    axis.hist(values["P"][path].ravel(), bins=bins, alpha=0.6, density=True, label="P inputs", color="tab:gray")
+    axis.hist(values["Q"][path].ravel(), bins=bins, alpha=0.6, density=True, label="Q inputs", color="tab:green")
     axis.set_title(short(path), fontsize=9)
     axis.set_yticks([])
 axes[0, 0].legend(fontsize=8)
@@ -234,12 +268,19 @@ figure.tight_layout()
 costliest = paths[int(numpy.argmax(loss_on_Q))]
 print(f"closing {costliest} costs the most on Q: +{loss_on_Q.max():.3f} nats")
 print(f"open-gate fraction (mean gate on Q > 0.5): {numpy.mean(mean_Q > 0.5):.2f} of all components")
-near_edges = numpy.mean([numpy.mean((g < 0.1) | (g > 0.9)) for g in gates_Q.values()])
+near_edges = numpy.mean([numpy.mean((g < 0.1) | (g > 0.9)) for g in values["Q"].values()])
 print(f"fraction of gate values below 0.1 or above 0.9 on Q: {near_edges:.2f}")
 print(f"closing {costliest} lowers the NLL on P by {gain_on_P[paths.index(costliest)]:.3f}; "
       f"closing {paths[int(numpy.argmin(gain_on_P))]} raises it by {-gain_on_P.min():.3f}")
 assert gain_on_P[paths.index(costliest)] > 0
 assert gain_on_P.min() < 0
+
+# %% [markdown]
+# Inside that layer, `plot_rank_profile` shows each component's mean gate and the range of its middle
+# half of tokens (25-75 %), on P and on Q:
+
+# %%
+display(plot_rank_profile(values, costliest))
 
 # %% [markdown]
 # ## What this says about where adaptation happens
