@@ -4,6 +4,8 @@ For a frozen layer ``W (out, in)``, ``b (out,)`` and an input ``x`` of width
 ``in``, with ``x̃ = dropout(x)`` in training and ``x̃ = x`` otherwise:
 
     LoRA:   y = x W^T + b + s · (x̃ A^T) B^T                       A (R, in), B (out, R)
+    DoRA:   y = x W^T + b + (m / n - 1) ⊙ (x̃ W^T) + (m / n) ⊙ s · (x̃ A^T) B^T
+            n = ||W + s B A||, the norm of each row (output feature)   m (out,)
     DISeL:  y = x W^T + b + s · (g ⊙ (x̃ A^T)) B^T
             g = σ(c · (x̃ W_g^T + b_g))                            W_g (R, in), b_g (R,)
     bottleneck gate: g = σ(c · ((x̃ V^T) U^T + b_g))               V (D_b, in), U (R, D_b)
@@ -11,6 +13,13 @@ For a frozen layer ``W (out, in)``, ``b (out,)`` and an input ``x`` of width
 ``s = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA) and
 ``c = 1 / sqrt(in)`` with gate normalisation, else 1. Gates are per token: an
 input ``(B, T, in)`` gives gates ``(B, T, R)``.
+
+DoRA follows PEFT 0.21 (``tuners/lora/dora.py``, ``use_dora=True``). The
+magnitude ``m`` (PEFT's ``lora_magnitude_vector``) starts at the row norms of
+``W``. The norm ``n`` is a constant in the backward pass: PEFT detaches it, as
+the DoRA paper (Liu et al., 2024, section 4.3) suggests. Without dropout the
+output is ``(m / n) ⊙ ((W + s B A) x) + b``. With dropout, ``x W^T + b`` keeps
+the undropped input and only the correction terms read ``x̃``, as in PEFT.
 
 Letters follow PEFT (``A`` = ``lora_A``, the input side). The DISeL authors'
 README writes the same update as ``A G(x) B x``, with A and B swapped.
@@ -26,9 +35,10 @@ import autograd.numpy as np
 import numpy
 
 from minidisel.config import AdapterConfig, ModelConfig
-from minidisel.nn import linear, sigmoid
+from minidisel.nn import linear, sigmoid, stop_gradient
 
 GATE_KEYS = ("W_g", "b_g", "U", "V")
+MERGED_MARKER = "lora_merged"  # key of the empty dict that marks a layer whose weight contains a merged update
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,8 @@ def init_adapters(base, model_config, adapter_config, rng):
         _, index, group, name = path.split(".")
         d_out, d_in = base["layers"][index][group][name]["weight"].shape
         layer = init_adapter_layer(rng, d_in, d_out, adapter_config, model_config.dtype)
+        if adapter_config.method == "dora":
+            layer["m"] = row_norms(base["layers"][index][group][name]["weight"])  # (out,)
         adapters["layers"].setdefault(index, {}).setdefault(group, {})[name] = layer
     return adapters
 
@@ -148,44 +160,130 @@ def adapter_delta(x, p, mode):
     return config.scaling * (h @ p["B"].T), g  # (..., out)
 
 
+def row_norms(W):
+    """Return the L2 norm of each row (output feature) of ``W``: (out, in) -> (out,)."""
+    return np.sqrt(np.sum(W * W, axis=1))
+
+
+def dora_scale(W, p, config):
+    """Return DoRA's ``m / n`` with ``n = ||W + s B A||`` per row, detached from the gradient: (out,)."""
+    n = stop_gradient(row_norms(W + config.scaling * (p["B"] @ p["A"])))  # (out,)
+    return p["m"] / n
+
+
+def dora_delta(x, W, p, mode):
+    """Return DoRA's update ``(m/n - 1) ⊙ (x̃ W^T) + (m/n) ⊙ s (x̃ A^T) B^T``: (..., in) -> (..., out)."""
+    config = mode.config
+    if mode.training and config.lora_dropout > 0.0:
+        x = dropout(x, config.lora_dropout, mode.rng)
+    scale = dora_scale(W, p, config)
+    lora = config.scaling * ((x @ p["A"].T) @ p["B"].T)  # (..., R) -> (..., out)
+    return (scale - 1.0) * (x @ W.T) + scale * lora
+
+
 def project(x, base, adapter, mode):
     """Apply one linear layer with its adapter, if any: (..., in) -> (..., out), gates or None."""
     y = linear(x, base)
     if adapter is None or mode is None:
         return y, None
+    if mode.config.method == "dora":
+        return y + dora_delta(x, base["weight"], adapter, mode), None
     delta, g = adapter_delta(x, adapter, mode)
     return y + delta, g
 
 
 def merge_adapters(base, adapters, adapter_config):
-    """Return a copy of ``base`` with each LoRA update folded in: ``W <- W + s B A``.
+    """Return a copy of ``base`` with each adapter's update folded into its weight.
 
-    Only LoRA merges. A DISeL update depends on the input through its gates,
-    so no single weight matrix can replace it, and merging raises.
+    LoRA: ``W <- W + s B A``. DoRA, as PEFT merges it: ``W <- (m / n) ⊙ (W + s B A)``
+    row by row, bias unchanged. A DISeL update depends on the input through its
+    gates, so no single weight matrix can replace it, and merging raises.
+
+    Each merged layer of the copy carries the marker ``"lora_merged": {}``.
+    The empty dict contains no array, so the tree stays a nested dict of
+    float arrays and gains no parameter. Autograd, the optimiser and
+    parameter counts ignore it, and the forward pass reads only ``weight``
+    and ``bias``. Merging into a layer that carries the marker raises
+    instead of adding the update twice.
+
+    NOTE: checkpoints store arrays only, so a merged tree that is saved and
+    loaded again has lost its markers.
     """
-    return _fold(base, adapters, adapter_config, sign=1.0)
+    check_mergeable(adapter_config)
+    return _fold(base, adapters, adapter_config, merging=True)
 
 
 def unmerge_adapters(merged, adapters, adapter_config):
-    """Return a copy of ``merged`` with each LoRA update removed: ``W <- W - s B A``."""
-    return _fold(merged, adapters, adapter_config, sign=-1.0)
+    """Return a copy of ``merged`` with each LoRA update removed: ``W <- W - s B A``.
+
+    Every adapted layer must carry the marker that :func:`merge_adapters`
+    sets, and the copy drops it. The restored weight equals the original up
+    to rounding, because ``(W + D) - D`` differs from ``W`` by at most one
+    rounding of ``W + D`` and one of the difference.
+
+    Only LoRA unmerges. A merged DoRA weight ``(m / n) ⊙ (W + s B A)`` has row
+    norms ``m`` whatever ``n`` was, so neither ``n`` nor ``W`` can be recovered
+    from it. Keep the unmerged base instead, because merging returns a copy.
+    """
+    if adapter_config.method == "dora":
+        raise ValueError(
+            "cannot unmerge a 'dora' adapter: the merged weight (m / n) ⊙ (W + s·B·A) does not determine the "
+            "row norms n = ||W + s·B·A|| it was scaled by; keep the base parameters that merge_adapters copied"
+        )
+    check_mergeable(adapter_config)
+    return _fold(merged, adapters, adapter_config, merging=False)
 
 
-def _fold(base, adapters, adapter_config, sign):
-    if adapter_config.method != "lora":
+def check_mergeable(adapter_config):
+    """Raise unless the adapter's update is a fixed matrix (LoRA or DoRA)."""
+    if adapter_config.method == "disel":
         raise ValueError(
             f"cannot merge a {adapter_config.method!r} adapter: its gates depend on the input, so the "
             "update s·B·diag(g(x))·A differs for every token and has no single-matrix form; only "
-            "method='lora' merges"
+            "method='lora' and method='dora' merge"
         )
-    s = adapter_config.scaling
-    merged = copy_tree(base)
+
+
+def merged_dora_weight(W, p, config):
+    """Return PEFT's merged DoRA weight ``(m / n) ⊙ (W + s B A)``, one scale per row: (out, in)."""
+    return dora_scale(W, p, config)[:, None] * (W + config.scaling * (p["B"] @ p["A"]))
+
+
+def folded_weight(W, p, config, merging):
+    """Return the weight ``W`` with the adapter's update merged in, or (LoRA only) removed."""
+    if config.method == "dora":
+        return merged_dora_weight(W, p, config)
+    sign = 1.0 if merging else -1.0
+    return W + sign * config.scaling * (p["B"] @ p["A"])
+
+
+def _fold(tree, adapters, adapter_config, merging):
+    folded = copy_tree(tree)
     for index, groups in adapters["layers"].items():
         for group, layers in groups.items():
             for name, p in layers.items():
-                target = merged["layers"][index][group][name]
-                target["weight"] = target["weight"] + sign * s * (p["B"] @ p["A"])
-    return merged
+                target = folded["layers"][index][group][name]
+                check_merge_state(target, f"layers.{index}.{group}.{name}", merging)
+                target["weight"] = folded_weight(target["weight"], p, adapter_config, merging)
+                if merging:
+                    target[MERGED_MARKER] = {}
+                else:
+                    del target[MERGED_MARKER]
+    return folded
+
+
+def check_merge_state(layer, path, merging):
+    """Raise unless the layer at ``path`` is unmerged (before a merge) or merged (before an unmerge)."""
+    if merging and MERGED_MARKER in layer:
+        raise ValueError(
+            f"cannot merge into {path}: its weight already contains a merged LoRA update (key "
+            f"{MERGED_MARKER!r}). Merge into the unmerged base tree, or call unmerge_adapters first"
+        )
+    if not merging and MERGED_MARKER not in layer:
+        raise ValueError(
+            f"cannot unmerge {path}: its weight contains no merged LoRA update (key {MERGED_MARKER!r} "
+            "is missing). Pass the tree that merge_adapters returned"
+        )
 
 
 def copy_tree(tree):

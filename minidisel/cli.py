@@ -30,8 +30,60 @@ def build_parser():
         "--plain", action="store_true",
         help="use the plain layer functions instead of the fused ones (same results to rounding, slower)",
     )
+    add_sweep_parser(commands)
     add_oracle_parser(commands)
     return parser
+
+
+def add_sweep_parser(commands):
+    """Add ``minidisel sweep``."""
+    sweep = commands.add_parser("sweep", help="run the demo's experiment over a grid and plot the accuracy-retention trade-off")
+    sweep.add_argument("--config", default=None, help="grid file, .toml or .json (axes at the top level or a list 'grid' of sub-grids)")
+    sweep.add_argument("--out", required=True, help="folder for runs.jsonl, tradeoff.png, gates.png, by_<axis>.png and summary.md")
+    for axis, text in SWEEP_AXIS_HELP.items():
+        sweep.add_argument(f"--{axis.replace('_', '-')}", dest=axis, default=None, help=f"comma-separated {text}")
+    sweep.add_argument("--quick", action="store_true", help="the tiny demo recipe and, without other axes, a grid that runs in seconds")
+    sweep.add_argument("--workers", type=int, default=None, help="worker processes (default: one per available core)")
+    sweep.add_argument("--no-cache", action="store_true", help="pre-train base models even if cached copies exist")
+
+
+SWEEP_AXIS_HELP = {
+    "task": "task families (default: disjoint)",
+    "method": "methods among full, lora, dora, disel (default: all four)",
+    "rank": "adapter ranks r; lora_alpha is 2r (default: the recipe's)",
+    "gate_bias_init": "initial DISeL gate biases b_g (default: the recipe's)",
+    "gate_lr_multiplier": "DISeL gate learning-rate multipliers (default: the recipe's)",
+    "width": "model widths d_model (default: the recipe's)",
+    "seed": "seeds (default: 0)",
+    "steps": "fine-tuning step counts (default: the recipe's)",
+}
+SWEEP_AXIS_TYPES = {"rank": int, "width": int, "seed": int, "steps": int, "gate_bias_init": float, "gate_lr_multiplier": float}
+
+
+def parse_axis_option(axis, text):
+    """Split a comma-separated option into typed values, raising ``ValueError`` naming the option."""
+    convert = SWEEP_AXIS_TYPES.get(axis, str)
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(convert(item.strip()))
+        except ValueError:
+            option = "--" + axis.replace("_", "-")
+            raise ValueError(f"invalid value {item.strip()!r} in {option}: expected a comma-separated list of {convert.__name__}s") from None
+    return values
+
+
+def run_sweep_command(args):
+    """Run ``minidisel sweep`` with parsed arguments."""
+    from minidisel.sweep import run_sweep
+    from minidisel.sweep_grid import load_grid_file
+
+    spec = load_grid_file(args.config) if args.config else None
+    options = {axis: parse_axis_option(axis, getattr(args, axis)) for axis in SWEEP_AXIS_HELP if getattr(args, axis) is not None}
+    if options:
+        spec = {**(spec or {}), **options}
+    source = args.config or "the command line"
+    run_sweep(spec, args.out, quick=args.quick, workers=args.workers, use_cache=not args.no_cache, source=source)
 
 
 def add_oracle_parser(commands):
@@ -117,7 +169,7 @@ def run_oracle_export(args):
     return 0
 
 
-COMMANDS = {"demo": run_demo_command, "oracle": run_oracle_command}
+COMMANDS = {"demo": run_demo_command, "sweep": run_sweep_command, "oracle": run_oracle_command}
 
 
 def restart_with_one_blas_thread():

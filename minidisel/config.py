@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 ARCHITECTURES = ("gpt", "llama")
 DTYPES = ("float64", "float32")
-METHODS = ("lora", "disel")
+METHODS = ("lora", "dora", "disel")
 GATE_WEIGHT_INITS = ("random", "zero")
 
 # Linear layers of each architecture, by their Hugging Face names.
@@ -85,6 +85,12 @@ class ModelConfig:
             raise ValueError(
                 f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
             )
+        if self.arch == "llama" and self.head_dim % 2:
+            # rotary embeddings rotate the head's features in pairs
+            raise ValueError(
+                f"d_model / n_heads (the head width) must be even for arch='llama', got "
+                f"d_model={self.d_model}, n_heads={self.n_heads}, head width {self.head_dim}"
+            )
         if self.n_kv_heads is not None:
             check_int("n_kv_heads", self.n_kv_heads)
             if self.arch == "gpt" and self.n_kv_heads != self.n_heads:
@@ -119,7 +125,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """A LoRA or DISeL adapter on a set of linear layers.
+    """A LoRA, DoRA or DISeL adapter on a set of linear layers.
 
     ``target_modules`` lists layer names (``"q_proj"``, ``"up_proj"``, ...) or is
     ``"all-linear"``. ``gate_*`` fields apply to DISeL only.

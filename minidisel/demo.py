@@ -11,14 +11,23 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from minidisel import __version__
 from minidisel.cache import cache_key, load_base, store_base
 from minidisel.checkpoint import save_json
 from minidisel.config import AdapterConfig, ModelConfig, TrainConfig, check_int
-from minidisel.experiment import METHODS, Recipe, evaluate, evaluation_sets, pretrain, run_method
+from minidisel.experiment import Recipe, evaluate, evaluation_sets, pretrain, run_method
+from minidisel.gates import (
+    format_gate_table,
+    mean_by_path,
+    most_selective_layer,
+    plot_gate_heatmap,
+    plot_gate_histograms,
+    plot_rank_profile,
+)
 from minidisel.tasks import VOCAB_SIZE, make_task
+
+# DoRA is left out of the demo's table; ``minidisel sweep`` compares all four methods.
+DEMO_METHODS = ("full", "lora", "disel")
 
 QUICK_RECIPE = Recipe(
     model=ModelConfig(vocab_size=VOCAB_SIZE, d_model=16, n_layers=1, n_heads=2, max_seq_len=32),
@@ -93,16 +102,17 @@ def run_demo(
         "base": {dist: base_eval[dist]["metrics"] for dist in ("P", "Q")},
         "runs": [],
     }
-    histories = {}
-    for method in METHODS:
-        run, histories[method] = run_method(
-            base, base_eval, eval_sets, task, method, recipe, seed, log=log, progress=progress
+    histories, gates = {}, None
+    for method in DEMO_METHODS:
+        run, histories[method], method_gates = run_method(
+            base, base_eval, eval_sets, task, method, recipe, seed, log=log, progress=progress, return_gates=True
         )
         results["runs"].append(run)
+        gates = method_gates if method_gates is not None else gates
 
     log(format_table(results))
     if out is not None:
-        write_outputs(out, results, histories)
+        write_outputs(out, results, histories, gates)
     return results
 
 
@@ -137,20 +147,31 @@ def format_table(results):
         )
     for run in results["runs"]:
         if "gates" in run:
-            p, q = (np.mean(list(run["gates"][d].values())) for d in ("P", "Q"))
-            lines.append(f"DISeL mean gate: {p:.3f} on P inputs, {q:.3f} on Q inputs")
+            lines.append(format_gate_table(run["gates"]))
     return "\n".join(lines)
 
 
-def write_outputs(out, results, histories):
-    """Write ``results.json`` and the figures to folder ``out``."""
-    from minidisel.plots import plot_gate_means, plot_training_curves
+def write_outputs(out, results, histories, gates=None):
+    """Write ``results.json`` and the figures to folder ``out``.
+
+    With DISeL's gate values (``{dist: {path: (N, R)}}``) it also writes the
+    gate heatmap, the histograms on P and Q inputs and one layer's per-rank profile.
+    """
+    from minidisel.plots import plot_training_curves
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / "results.json", results)
     title = f"task {results['task']}, seed {results['seed']}"
     plot_training_curves(histories, out / "training_curves.png", title)
-    for run in results["runs"]:
-        if "gates" in run:
-            plot_gate_means(run["gates"], out / "gates.png", f"DISeL gates, {title}")
+    if gates is not None:
+        write_gate_figures(out, gates, title)
+
+
+def write_gate_figures(out, gates, title):
+    """Write ``gates.png``, ``gate_histograms.png`` and ``gate_ranks.png`` to folder ``out``."""
+    means = mean_by_path(gates)
+    layer = most_selective_layer(means)
+    plot_gate_heatmap(means, f"DISeL mean gates, {title}").savefig(out / "gates.png", dpi=120)
+    plot_gate_histograms(gates, title=f"DISeL gate values, {title}").savefig(out / "gate_histograms.png", dpi=120)
+    plot_rank_profile(gates, layer, f"{layer} (largest P/Q gap), {title}").savefig(out / "gate_ranks.png", dpi=120)

@@ -1,9 +1,9 @@
 """Pre-train a base model on P, fine-tune it on Q, and measure what changed.
 
-Methods: ``"full"`` trains every base parameter; ``"lora"`` and ``"disel"``
-train an adapter tree while the base stays frozen. Each method's loss has the
-form ``loss(trainable, frozen, batch, rng)``, so freezing is structural:
-autograd differentiates the first argument only.
+Methods: ``"full"`` trains every base parameter; ``"lora"``, ``"dora"`` and
+``"disel"`` train an adapter tree while the base stays frozen. Each method's
+loss has the form ``loss(trainable, frozen, batch, rng)``, so freezing is
+structural: autograd differentiates the first argument only.
 
 Training and evaluation use the fused layer functions (``Recipe.fused``,
 default True). ``fused=False`` runs the plain textbook formulas instead:
@@ -19,14 +19,15 @@ import numpy as np
 from minidisel.adapters import init_adapters
 from minidisel import fused as fused_layers
 from minidisel.config import AdapterConfig, ModelConfig, TrainConfig, check_bool, check_int
-from minidisel.metrics import kl_from_base, mean_gates, predict, score
+from minidisel.gates import mean_by_path, select_tokens
+from minidisel.metrics import kl_from_base, predict, score
 from minidisel.model import forward, init_params
 from minidisel.nn import cross_entropy
 from minidisel.tasks import VOCAB_SIZE, sample_batch
 from minidisel.train import train
 from minidisel.tree import count_parameters
 
-METHODS = ("full", "lora", "disel")
+METHODS = ("full", "lora", "dora", "disel")
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Recipe:
     )
     finetune_steps: int = 300
     finetune_batch_size: int = 32
-    learning_rates: tuple = (("full", 3e-3), ("lora", 3e-3), ("disel", 3e-3))
+    learning_rates: tuple = (("full", 3e-3), ("lora", 3e-3), ("dora", 3e-3), ("disel", 3e-3))
     adapter: AdapterConfig = AdapterConfig(method="disel", r=8, lora_alpha=16.0)
     eval_size: int = 512
     fused: bool = True  # False: the plain layer functions of nn.py (same numbers, slower)
@@ -64,7 +65,7 @@ class Recipe:
         )
 
     def adapter_for(self, method):
-        """Return the adapter config of ``method`` (LoRA shares every field DISeL has in common)."""
+        """Return the adapter config of ``method`` (LoRA and DoRA share every field DISeL has in common)."""
         return replace(self.adapter, method=method)
 
 
@@ -102,7 +103,7 @@ def finetune(base, task, method, recipe, seed, progress=False, log=print):
     """Fine-tune ``base`` on Q with ``method``; return ``(params, adapters, history)``.
 
     For full fine-tuning ``params`` are the new base and ``adapters`` is None;
-    for LoRA and DISeL ``params`` is ``base`` itself.
+    for the adapter methods ``params`` is ``base`` itself.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -141,8 +142,13 @@ def evaluate(params, eval_sets, task, model_config, adapters=None, adapter_confi
     return results
 
 
-def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print, progress=False):
-    """Fine-tune with one method and return its results record (as in ``results.json``) and history."""
+def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print, progress=False, return_gates=False):
+    """Fine-tune with one method and return its results record (as in ``results.json``) and history.
+
+    With ``return_gates=True`` it also returns the gates: DISeL's values on
+    every position of the evaluation sets, ``{dist: {path: (N, R)}}`` as
+    :mod:`minidisel.gates` reads them, or None for the other methods.
+    """
     started = time.perf_counter()
     params, adapters, history = finetune(base, task, method, recipe, seed, progress=progress, log=log)
     seconds = time.perf_counter() - started
@@ -159,8 +165,8 @@ def run_method(base, base_eval, eval_sets, task, method, recipe, seed, log=print
         "Q": tuned["Q"]["metrics"],
         "P_kl_from_base": kl_from_base(base_eval["P"]["logits"], tuned["P"]["logits"], p_mask),
     }
+    gates = None
     if method == "disel":
-        run["gates"] = {
-            dist: mean_gates(tuned[dist]["gates"], np.ones_like(eval_sets[dist]["mask"])) for dist in ("P", "Q")
-        }
-    return run, history
+        gates = {dist: select_tokens(tuned[dist]["gates"], np.ones_like(eval_sets[dist]["mask"])) for dist in ("P", "Q")}
+        run["gates"] = mean_by_path(gates)
+    return (run, history, gates) if return_gates else (run, history)

@@ -241,7 +241,9 @@ def project(x, base, adapter, mode, with_gates=False):
     """Apply one linear layer with its adapter, if any: (..., in) -> (..., out), gates or None.
 
     LoRA and DISeL run as one :func:`adapted_map` node; any other method runs
-    the plain :func:`minidisel.adapters.project`. Gates are only computed
+    the plain :func:`minidisel.adapters.project`.
+
+    NOTE: DoRA has no fused primitive yet, so it trains at the plain path's speed. Gates are only computed
     when ``with_gates`` is True, by the plain formula on the same dropped-out
     input, so that they stay differentiable.
     """

@@ -85,6 +85,11 @@ def any_adapter(config):
     return True
 
 
+def dora(config):
+    """True for a DoRA adapter, which has a magnitude vector per adapted layer."""
+    return config.method == "dora"
+
+
 @dataclass(frozen=True)
 class AdapterKey:
     """One adapter tensor of an adapted layer: minidisel key, PEFT suffix, shape symbols, when present."""
@@ -93,14 +98,15 @@ class AdapterKey:
     suffix: str
     shape: tuple
     applies: Callable = any_adapter
-    used_by: str = "LoRA, DISeL"
+    used_by: str = "LoRA, DoRA, DISeL"
 
 
-# One row per adapter tensor. A new adapter tensor (for example DoRA's
-# magnitude vector) is one more row with its own ``applies`` predicate.
+# One row per adapter tensor. A new adapter tensor is one more row with its
+# own ``applies`` predicate. PEFT saves DoRA's magnitude without ".weight".
 ADAPTER_KEYS = (
     AdapterKey("A", "lora_A.weight", ("R", "in")),
     AdapterKey("B", "lora_B.weight", ("out", "R")),
+    AdapterKey("m", "lora_magnitude_vector", ("out",), dora, "DoRA"),
     AdapterKey("W_g", "lora_disel_gate.linear.weight", ("R", "in"), full_gate, "DISeL, full gate"),
     AdapterKey("b_g", "lora_disel_gate.linear.bias", ("R",), full_gate, "DISeL, full gate"),
     AdapterKey("V", "lora_disel_gate.proj_down.weight", ("D_b", "in"), bottleneck_gate, "DISeL, bottleneck gate"),

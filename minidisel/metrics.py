@@ -1,4 +1,4 @@
-"""Evaluation: task scores, drift from the base model, and gate summaries.
+"""Evaluation: task scores and drift from the base model.
 
 All metrics are computed on the scored positions of a batch (its ``mask``):
 
@@ -7,7 +7,7 @@ All metrics are computed on the scored positions of a batch (its ``mask``):
   decoder is the same as decoding the whole answer correctly);
 * ``nll``: the mean next-token negative log-likelihood, in nats;
 * drift: the mean ``KL(base ‖ tuned)`` between next-token distributions;
-* gates: the mean gate value of each adapted layer over positions and rank.
+* gates: see :mod:`minidisel.gates` for per-token values and their summaries.
 """
 
 import numpy as np
@@ -52,11 +52,3 @@ def kl_from_base(base_logits, tuned_logits, mask):
     log_q = log_softmax(tuned_logits)
     kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)  # (B, T)
     return float(np.sum(kl * mask) / np.sum(mask))
-
-
-def mean_gates(gates, mask):
-    """Return ``{layer path: mean gate}`` over masked positions and all rank components."""
-    weights = mask[..., None]  # (B, T, 1)
-    return {
-        path: float(np.sum(g * weights) / (np.sum(mask) * g.shape[-1])) for path, g in gates.items()
-    }

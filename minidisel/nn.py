@@ -7,6 +7,7 @@ finite input. All take and return arrays; none keeps state.
 import math
 
 import autograd.numpy as np
+from autograd.extend import defjvp, defvjp, primitive
 from autograd.scipy.special import erf, expit, logsumexp
 
 
@@ -14,6 +15,20 @@ def linear(x, p):
     """Apply ``x @ W.T + b`` with ``W`` stored ``(out, in)``: (..., in) -> (..., out)."""
     y = x @ p["weight"].T
     return y + p["bias"] if "bias" in p else y
+
+
+@primitive
+def stop_gradient(x):
+    """Return ``x`` as a constant for autograd, as ``torch.Tensor.detach`` does.
+
+    The value passes through unchanged; the derivative is defined as zero in
+    both reverse and forward mode, so no gradient flows back into ``x``.
+    """
+    return x
+
+
+defvjp(stop_gradient, lambda ans, x: lambda g: np.zeros_like(g))
+defjvp(stop_gradient, lambda g, ans, x: np.zeros_like(g))
 
 
 def sigmoid(z):

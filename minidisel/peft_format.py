@@ -6,7 +6,8 @@ A DISeL adapter is stored as the DISeL reference implementation stores it: a
 ``peft_type: "LORA"`` config with the extra fields ``disel_gate_bias_init``,
 ``disel_gate_normalize``, ``disel_gate_weight_init``,
 ``disel_gate_bottleneck_dim`` and ``disel_gate_lr_multiplier``, and gate
-tensors under ``…lora_disel_gate.…``.
+tensors under ``…lora_disel_gate.…``. A DoRA adapter is PEFT's own
+``use_dora: true`` config with magnitude vectors under ``…lora_magnitude_vector``.
 
 Loading is strict. Each known ``adapter_config.json`` field is required and
 mapped, accepted only at the value that turns a feature off, or ignored as
@@ -41,7 +42,6 @@ DISEL_FIELDS = {
 OFF_VALUES = {
     "bias": ("none",),
     "fan_in_fan_out": (False,),
-    "use_dora": (False,),
     "lora_bias": (False,),
     "use_qalora": (False,),
     "modules_to_save": (None, []),
@@ -107,7 +107,9 @@ def check_fields(config, source):
             f"{source}: init_lora_weights={init!r} changes the base weights; minidisel loads adapters "
             f"initialised with {', '.join(map(repr, PLAIN_INITS))} only"
         )
-    known = set(LORA_FIELDS) | set(DISEL_FIELDS) | set(OFF_VALUES) | set(IGNORED_FIELDS)
+    if not isinstance(config.get("use_dora", False), bool):
+        raise CheckpointError(f"{source}: use_dora must be true or false, got {config['use_dora']!r}")
+    known = set(LORA_FIELDS) | set(DISEL_FIELDS) | set(OFF_VALUES) | set(IGNORED_FIELDS) | {"use_dora"}
     for name, value in config.items():
         if name not in known and not is_off(value):
             raise CheckpointError(f"{source}: unknown option {name}={value!r} is not supported")
@@ -163,11 +165,11 @@ def resolve_targets(config, model_config, source):
 
 
 def adapter_config_from_peft(config, model_config, source):
-    """Return the :class:`AdapterConfig` of a PEFT ``adapter_config.json`` (LoRA, or DISeL with gate fields)."""
+    """Return the :class:`AdapterConfig` of a PEFT ``adapter_config.json`` (LoRA, DoRA, or DISeL with gate fields)."""
     if config.get("peft_type") != PEFT_TYPE:
         raise CheckpointError(
             f"{source}: peft_type {config.get('peft_type')!r} is not supported; minidisel reads "
-            f"{PEFT_TYPE!r} adapters (plain LoRA, or DISeL with disel_gate_* fields)"
+            f"{PEFT_TYPE!r} adapters (plain LoRA, DoRA, or DISeL with disel_gate_* fields)"
         )
     check_fields(config, source)
     fields = {ours: config[theirs] for theirs, ours in LORA_FIELDS.items()}
@@ -178,10 +180,15 @@ def adapter_config_from_peft(config, model_config, source):
         if missing:
             raise CheckpointError(f"{source} has DISeL gate fields but is missing {', '.join(missing)}")
         fields.update({ours: config[theirs] for theirs, ours in DISEL_FIELDS.items()})
+    if disel and config.get("use_dora"):
+        raise CheckpointError(f"{source} sets both use_dora and DISeL gate fields; an adapter is one or the other")
 
     fields["target_modules"] = resolve_targets(config, model_config, source)
+    method = "disel" if disel else "lora"
+    if config.get("use_dora"):
+        method = "dora"
     try:
-        return AdapterConfig(method="disel" if disel else "lora", **fields)
+        return AdapterConfig(method=method, **fields)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{source}: {error}") from error
 
@@ -198,7 +205,7 @@ def peft_config_from_adapter(adapter_config, model_config):
         "target_modules": list(adapter_config.targets_for(model_config)),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": adapter_config.method == "dora",
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -215,7 +222,7 @@ def peft_config_from_adapter(adapter_config, model_config):
 def save_peft_adapter(folder, adapters, model_config, adapter_config):
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` in PEFT's format.
 
-    A LoRA folder loads with ``PeftModel.from_pretrained``; a DISeL folder
+    A LoRA or DoRA folder loads with ``PeftModel.from_pretrained``; a DISeL folder
     loads with the DISeL reference implementation, which adds the gates.
     """
     check_trees(model_config, None, adapter_config, adapters)

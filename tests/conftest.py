@@ -1,9 +1,21 @@
 """Shared fixtures: tiny models of both architectures and a fresh cache folder."""
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from minidisel import AdapterConfig, ModelConfig, init_adapters, init_params
+
+# Hypothesis profiles for the property tests: "ci" (the default) is fixed and fast;
+# MINIDISEL_HYPOTHESIS_PROFILE=thorough draws ten times as many random examples.
+settings.register_profile(
+    "ci", max_examples=40, derandomize=True, database=None, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", settings.get_profile("ci"), max_examples=400, derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("MINIDISEL_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +53,23 @@ def tiny_setup(arch="gpt", seed=0, random_B=True, **adapter_fields):
         adapters = randomize_B(adapters, rng)
     tokens = rng.integers(0, config.vocab_size, size=(2, 5))
     return config, params, adapter_config, adapters, tokens
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Report a skipped tutorial test as failed: every notebook must run."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.nodeid.split("::")[0].endswith("test_tutorials.py"):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} was skipped, but every tutorial notebook must run"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """Report the tutorial test module as failed if it is skipped at collection (for example by importorskip)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and collector.nodeid.endswith("test_tutorials.py"):
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid} was skipped at collection, but every tutorial notebook must run"

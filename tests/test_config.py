@@ -16,6 +16,7 @@ from minidisel import AdapterConfig, ModelConfig, TrainConfig
         ({"dtype": "float16"}, ValueError, "dtype must be one of"),
         ({"arch": "llama", "n_kv_heads": 3}, ValueError, "multiple of n_kv_heads"),
         ({"n_kv_heads": 2}, ValueError, "n_kv_heads must equal n_heads for arch='gpt'"),
+        ({"arch": "llama", "d_model": 12, "n_heads": 4}, ValueError, "head width) must be even for arch='llama'"),
         ({"norm_eps": 0.0}, ValueError, "norm_eps must be in (0.0, inf]"),
         ({"vocab_size": -3}, ValueError, "vocab_size must be >= 1, got -3"),
     ],
@@ -30,7 +31,7 @@ def test_model_config_rejects(fields, error, words):
     "fields, error, words",
     [
         ({"r": 0}, ValueError, "r must be >= 1, got 0"),
-        ({"method": "dora"}, ValueError, "method must be one of"),
+        ({"method": "ia3"}, ValueError, "method must be one of"),
         ({"target_modules": ["q_proj", "attn"]}, ValueError, "unknown target module 'attn'"),
         ({"target_modules": []}, ValueError, "non-empty"),
         ({"gate_bias_init": math.inf}, ValueError, "gate_bias_init must be finite"),

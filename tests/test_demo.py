@@ -42,12 +42,21 @@ def test_quick_demo_writes_results_json(tmp_path):
     assert set(gates) == {"P", "Q"} and set(gates["P"]) == set(gates["Q"])
     assert "layers.0.self_attn.q_proj" in gates["P"]
     assert all(0.0 < value < 1.0 for value in gates["P"].values())
-    assert (out / "training_curves.png").stat().st_size > 0 and (out / "gates.png").stat().st_size > 0
+    for figure in ("training_curves.png", "gates.png", "gate_histograms.png", "gate_ranks.png"):
+        assert (out / figure).stat().st_size > 0, figure
 
 
-def test_quick_demo_plain_and_fused_agree():
-    fused = run_demo(seed=2, quick=True, log=lambda line: None)
+def test_quick_demo_plain_and_fused_agree(monkeypatch):
+    import minidisel.fused
+
+    fused_calls = []
+    linear_map = minidisel.fused.linear_map
+    monkeypatch.setattr(minidisel.fused, "linear_map", lambda *args: fused_calls.append(1) or linear_map(*args))
     plain = run_demo(seed=2, quick=True, log=lambda line: None, fused=False)
+    assert fused_calls == []
+    fused = run_demo(seed=2, quick=True, log=lambda line: None)
+    assert fused_calls
+
     for dist in ("P", "Q"):
         assert fused["base"][dist] == pytest.approx(plain["base"][dist], rel=1e-9)
     for fused_run, plain_run in zip(fused["runs"], plain["runs"]):
@@ -56,13 +65,12 @@ def test_quick_demo_plain_and_fused_agree():
         assert fused_run["P_kl_from_base"] == pytest.approx(plain_run["P_kl_from_base"], rel=1e-6, abs=1e-12)
 
 
-def test_cli_plain_flag_runs_plain_layers(tmp_path, monkeypatch):
+def test_cli_plain_flag_selects_layers(monkeypatch):
     calls = []
-    monkeypatch.setattr("minidisel.demo.run_method", lambda *args, **kwargs: calls.append(args[5].fused) or ({}, {}))
-    monkeypatch.setattr("minidisel.demo.format_table", lambda results: "")
+    monkeypatch.setattr("minidisel.demo.run_demo", lambda *args, **kwargs: calls.append(kwargs["fused"]))
     assert main(["demo", "--quick", "--plain"]) == 0
     assert main(["demo", "--quick"]) == 0
-    assert calls == [False] * 3 + [True] * 3
+    assert calls == [False, True]
 
 
 @pytest.mark.parametrize("preset", [{}, {"OMP_NUM_THREADS": "2"}])

@@ -335,6 +335,7 @@ def test_cross_entropy_stable_for_large_logits():
 
 MODEL_CASES = [
     {"method": "lora"},
+    {"method": "dora"},  # runs the plain DoRA formula inside the fused model
     {"method": "disel"},
     {"method": "disel", "gate_bottleneck_dim": 2, "gate_normalize": True},
     {"method": "disel", "lora_dropout": 0.3, "gate_normalize": True},

@@ -55,3 +55,31 @@ def test_gradient_check_detects_wrong_gradient():
     params = {"w": np.array([0.5, -1.5])}
     with pytest.raises(AssertionError, match="gradient of w"):
         check_gradients(lambda p: np.sum(square(p["w"])), params)
+
+
+def test_error_estimate_allows_curvature():
+    import autograd.numpy as anp
+
+    # tanh(w / 1e-4) bends on a scale of 1e-4, so at h = 1e-6 the truncation error h² f''' / 6 is
+    # 1e-5 to 2.5e-5 of f' (about 1e4), ten times rtol or more
+    params = {"w": np.array([3e-5, -5e-5])}
+
+    def f(p):
+        return anp.sum(anp.tanh(p["w"] / 1e-4))
+
+    with pytest.raises(AssertionError, match="gradient of w"):
+        check_gradients(f, params, rtol=1e-6, atol=1e-9)
+    check_gradients(f, params, rtol=1e-6, atol=1e-9, estimate_error=True)
+
+
+def test_error_estimate_still_catches_wrong_gradient():
+    from autograd.extend import defvjp, primitive
+
+    @primitive
+    def square(x):
+        return x * x
+
+    defvjp(square, lambda ans, x: lambda g: g * 2.001 * x)  # wrong on purpose by 0.05 %
+    params = {"w": np.array([0.5, -1.5])}
+    with pytest.raises(AssertionError, match="gradient of w"):
+        check_gradients(lambda p: np.sum(square(p["w"])), params, estimate_error=True)

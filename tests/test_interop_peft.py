@@ -151,7 +151,7 @@ def test_peft_saved_adapter_loads_into_minidisel(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "option, words",
     [
-        (dict(use_dora=True), "use_dora=True is not supported"),
+        (dict(lora_bias=True), "lora_bias=True is not supported"),
         (dict(rank_pattern={"q_proj": 2}), "rank_pattern"),
         (dict(layers_to_transform=[0]), "layers_to_transform=[0] is not supported"),
         (dict(bias="all"), "bias='all' is not supported"),

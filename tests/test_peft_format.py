@@ -32,6 +32,7 @@ def peft_config(**changes):
         dict(method="lora", use_rslora=True),
         dict(method="disel", gate_normalize=True, gate_bias_init=-5.0, gate_lr_multiplier=3.0),
         dict(method="disel", gate_bottleneck_dim=2, target_modules=("q_proj", "down_proj")),
+        dict(method="dora", target_modules=("q_proj", "down_proj")),
     ],
 )
 def test_peft_adapter_round_trip(arch, fields, tmp_path):
@@ -104,7 +105,11 @@ def test_required_fields_are_never_defaulted(field):
     "changes, words",
     [
         (dict(peft_type="IA3"), "peft_type 'IA3' is not supported"),
-        (dict(use_dora=True), "use_dora=True is not supported"),
+        (dict(use_dora="yes"), "use_dora must be true or false, got 'yes'"),
+        (dict(use_dora=True, **{name: None for name in ("disel_gate_bias_init", "disel_gate_normalize",
+                                                         "disel_gate_weight_init", "disel_gate_bottleneck_dim",
+                                                         "disel_gate_lr_multiplier")}),
+         "sets both use_dora and DISeL gate fields"),
         (dict(fan_in_fan_out=True), "fan_in_fan_out=True"),
         (dict(alpha_pattern={"q_proj": 4}), "alpha_pattern"),
         (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' changes the base weights"),
@@ -167,3 +172,15 @@ def test_pickled_adapter_is_not_loaded(tmp_path):
     (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
     with pytest.raises(CheckpointError, match="adapter_model.bin, a pickle file"):
         load_peft_adapter(tmp_path, config)
+
+
+def test_dora_uses_peft_names(tmp_path):
+    config, _, adapter_config, adapters, _ = tiny_setup("llama", method="dora")
+    save_peft_adapter(tmp_path, adapters, config, adapter_config)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True
+    assert adapter_config_from_peft(saved, config, "a.json").method == "dora"
+    tensors = read_safetensors(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_magnitude_vector"
+    assert np.array_equal(tensors[key], adapters["layers"]["1"]["mlp"]["up_proj"]["m"])
+    assert sum(name.endswith(".lora_magnitude_vector") for name in tensors) == config.n_layers * len(config.linear_modules)

@@ -1,6 +1,6 @@
 """Vary one setting at a time around the demo's recipe and measure how selective DISeL's gates become.
 
-Usage: python docs/experiments/gate_selectivity.py OUT.json [--seeds 0 1 2]
+Usage: python docs/experiments/gate_selectivity.py OUT.json [--seeds 0 1 2] [--only FACTOR ...]
 
 For each setting and seed it fine-tunes LoRA and DISeL on Q from the same
 base model and records the mean gate on P and Q inputs, the P score and the
@@ -63,12 +63,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", default=None, help="run only these factors, e.g. 'learning rate'")
     args = parser.parse_args()
 
     records, started = [], time.perf_counter()
     print("| factor | value | DISeL gate P | DISeL gate Q | P acc LoRA | P acc DISeL | P KL LoRA | P KL DISeL | Q acc LoRA | Q acc DISeL |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for factor, value, task_name, recipe in variants():
+        if args.only and factor not in args.only:
+            continue
         per_seed = [measure(task_name, recipe, seed) for seed in args.seeds]
         records.append({"factor": factor, "value": value, "task": task_name, "runs": per_seed})
 
