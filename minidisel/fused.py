@@ -137,7 +137,7 @@ def adapted_map(x, W, b, A, B, W_g, b_g, V, U, settings):
     Bottleneck gate: with ``ζ = x̃ V^T``, ``Ū = c z̄^T ζ``, ``ζ̄ = c z̄ U``,
     ``V̄ = ζ̄^T x̃`` and ``x̃̄ = ū A + ζ̄ V``. The VJP recomputes ``u`` and ``g``
     (thin products) instead of storing them, and forms only the gradients
-    autograd asks for, so a frozen ``W`` costs no ``(out, in)`` product.
+    autograd requests, so a frozen ``W`` costs no ``(out, in)`` product.
     """
     x_rows = rows(x)
     u, g = adapter_activations(dropped_out(x_rows, settings), A, W_g, b_g, V, U, settings)
@@ -241,11 +241,11 @@ def project(x, base, adapter, mode, with_gates=False):
     """Apply one linear layer with its adapter, if any: (..., in) -> (..., out), gates or None.
 
     LoRA and DISeL run as one :func:`adapted_map` node; any other method runs
-    the plain :func:`minidisel.adapters.project`.
-
-    NOTE: DoRA has no fused primitive yet, so it trains at the plain path's speed. Gates are only computed
+    the plain :func:`minidisel.adapters.project`. Gates are only computed
     when ``with_gates`` is True, by the plain formula on the same dropped-out
     input, so that they stay differentiable.
+
+    NOTE: DoRA has no fused primitive yet, so it trains at the plain path's speed.
     """
     if adapter is None or mode is None:
         return linear(x, base), None
