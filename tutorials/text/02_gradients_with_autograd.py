@@ -276,6 +276,8 @@ else:
 # selects them, and the training loop uses them by default. The plain functions stay the reference:
 # the two paths must give the same gradient up to rounding. The cell times one loss-and-gradient
 # evaluation of a demo-sized model both ways and prints the medians; the times depend on your machine.
+# If other programs keep the cores busy, a multi-threaded BLAS can make the fused path many times
+# slower: start Jupyter with `OPENBLAS_NUM_THREADS=1`, as the README's command does.
 
 # %%
 import time
