@@ -26,10 +26,19 @@ STRIP_COMMAND = "jupyter nbconvert --clear-output --inplace tutorials/*.ipynb"
 SYNC_COMMAND = "jupytext --sync tutorials/*.ipynb"
 
 
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def kernel_environment():
-    """Return the environment of the kernel: this one, with the repository root first on PYTHONPATH."""
+    """Return the environment of the kernel: this one, with the repository root first on PYTHONPATH.
+
+    Unless a BLAS thread count is already set, the kernel gets one BLAS thread, as the README advises
+    for notebooks: on a busy machine a multi-threaded BLAS makes the small training steps many times slower.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if not any(name in env for name in BLAS_THREAD_VARIABLES):
+        env["OPENBLAS_NUM_THREADS"] = "1"
     return env
 
 

@@ -320,10 +320,10 @@ for name in ("overlap-5", "disjoint"):
               f"P {family_base['P']['metrics']['accuracy']:.3f} -> {run['P']['accuracy']:.3f}{gates}")
 
 # %% [markdown]
-# On `overlap-5` DISeL learns Q and loses P, with the same gates on both (the inputs are the same). On
-# `disjoint`, full fine-tuning learns Q and keeps most of P, while DISeL gets no Q answer right in the
-# same budget and still damages P (LoRA does the same; try it). The reason is in the embedding table: P never shows the
-# digits 5-9 as inputs, and the output head is tied to the embeddings, so the only gradient those five
+# On `overlap-5` DISeL learns a good part of Q and loses all of P, with the same gates on both (the
+# inputs are the same). On `disjoint`, full fine-tuning learns Q and keeps most of P, while DISeL gets
+# no Q answer right in the same budget and still damages P (LoRA does the same; try it). The reason is
+# in the embedding table: P never shows the digits 5-9 as inputs, and the output head is tied to the embeddings, so the only gradient those five
 # rows receive is the one that lowers the logits of tokens that never come next. It is nearly the same
 # for all five, and pushes them in one common direction. Measured as the cosine between rows centred
 # over their features (as LayerNorm does):
@@ -344,6 +344,7 @@ assert family_runs["disjoint", "full"]["Q"]["accuracy"] > 0.5
 assert family_runs["disjoint", "full"]["P"]["accuracy"] > 0.5
 assert family_runs["disjoint", "full"]["P"]["accuracy"] > family_runs["disjoint", "disel"]["P"]["accuracy"]
 assert family_runs["overlap-5", "disel"]["P"]["accuracy"] < 0.1
+assert family_runs["overlap-5", "disel"]["Q"]["accuracy"] > 0.3
 
 # %% [markdown]
 # The five new digits reach every adapted layer as nearly the same vector, so an adapter on the linear
