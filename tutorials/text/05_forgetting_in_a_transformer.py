@@ -323,8 +323,9 @@ for name in ("overlap-5", "disjoint"):
 # On `overlap-5` DISeL learns a good part of Q and loses all of P, with the same gates on both (the
 # inputs are the same). On `disjoint`, full fine-tuning learns Q and keeps most of P, while DISeL gets
 # no Q answer right in the same budget and still damages P (LoRA does the same; try it). The reason is
-# in the embedding table: P never shows the digits 5-9 as inputs, and the output head is tied to the embeddings, so the only gradient those five
-# rows receive is the one that lowers the logits of tokens that never come next. It is nearly the same
+# in the embedding table: P never shows the digits 5-9 as inputs, and the output head is tied to the
+# embeddings, so the only gradient those five rows receive is the one that lowers the logits of tokens
+# that never come next. It is nearly the same
 # for all five, and pushes them in one common direction. Measured as the cosine between rows centred
 # over their features (as LayerNorm does):
 
