@@ -196,7 +196,7 @@ def self_attention(x, p, adapters, mode, config, layers):
 
 
 def mlp(x, p, adapters, mode, config, layers):
-    """The feed-forward block: GELU (GPT) or SwiGLU (Llama): (B, T, D) -> (B, T, D), gates."""
+    """Apply the feed-forward block, GELU (GPT) or SwiGLU (Llama): (B, T, D) -> (B, T, D), gates."""
     up, g_up = layers.project(x, p["up_proj"], adapters.get("up_proj"), mode)  # (B, T, F)
     if config.arch == "gpt":
         h, g_gate = layers.gelu(up), None
@@ -208,7 +208,7 @@ def mlp(x, p, adapters, mode, config, layers):
 
 
 def block(x, p, adapters, mode, config, layers):
-    """One pre-norm transformer block: (B, T, D) -> (B, T, D), gates."""
+    """Apply one pre-norm transformer block: (B, T, D) -> (B, T, D), gates."""
     h = normalize(x, p["input_layernorm"], config, layers)
     a, attention_gates = self_attention(h, p["self_attn"], adapters.get("self_attn", {}), mode, config, layers)
     x = x + a
@@ -257,7 +257,7 @@ def forward(
     LoRA or DISeL update. ``training=True`` applies adapter dropout, drawing
     masks from ``rng``. ``gate_override`` forces every DISeL gate to a constant.
     With ``return_gates=True`` it returns ``(logits, gates)``, where ``gates``
-    mirrors the adapter tree and holds ``(B, T, R)`` arrays. ``fused=True``
+    mirrors the adapter tree and contains ``(B, T, R)`` arrays. ``fused=True``
     runs the fused layer functions of :mod:`minidisel.fused`: the same model,
     faster to differentiate.
     """

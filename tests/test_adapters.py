@@ -15,10 +15,13 @@ def test_init_follows_peft():
     adapter_config = AdapterConfig(r=4, gate_bias_init=-5.0)
     layer = init_adapters(params, config, adapter_config, np.random.default_rng(1))["layers"]["0"]["mlp"]["down_proj"]
     d_in = 64  # down_proj reads the MLP width 4 * 16
-    assert layer["A"].shape == (4, d_in) and layer["B"].shape == (16, 4)
-    assert np.all(np.abs(layer["A"]) <= d_in**-0.5) and layer["A"].std() > 0.5 * d_in**-0.5 / np.sqrt(3)
+    assert layer["A"].shape == (4, d_in)
+    assert layer["B"].shape == (16, 4)
+    assert np.all(np.abs(layer["A"]) <= d_in**-0.5)
+    assert layer["A"].std() > 0.5 * d_in**-0.5 / np.sqrt(3)
     assert np.all(layer["B"] == 0.0)
-    assert layer["W_g"].shape == (4, d_in) and np.all(np.abs(layer["W_g"]) <= d_in**-0.5)
+    assert layer["W_g"].shape == (4, d_in)
+    assert np.all(np.abs(layer["W_g"]) <= d_in**-0.5)
     assert np.all(layer["b_g"] == -5.0)
 
 
@@ -30,7 +33,8 @@ def test_zero_gate_init_and_bottleneck():
     bottleneck = init_adapters(params, config, AdapterConfig(r=3, gate_bottleneck_dim=2), np.random.default_rng(1))
     layer = bottleneck["layers"]["0"]["self_attn"]["q_proj"]
     assert set(layer) == {"A", "B", "V", "U", "b_g"}
-    assert layer["V"].shape == (2, 8) and layer["U"].shape == (3, 2)
+    assert layer["V"].shape == (2, 8)
+    assert layer["U"].shape == (3, 2)
     assert np.all(np.abs(layer["U"]) <= 2**-0.5)
 
 

@@ -16,7 +16,8 @@ METRICS_KEYS = {"accuracy", "nll"}
 
 def check_metrics(metrics, has_accuracy=True):
     assert set(metrics) == METRICS_KEYS
-    assert isinstance(metrics["nll"], float) and np.isfinite(metrics["nll"])
+    assert isinstance(metrics["nll"], float)
+    assert np.isfinite(metrics["nll"])
     if has_accuracy:
         assert 0.0 <= metrics["accuracy"] <= 1.0
     else:
@@ -28,18 +29,24 @@ def test_quick_demo_writes_results_json(tmp_path):
     assert main(["demo", "--quick", "--out", str(out), "--seed", "1"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"minidisel_version", "task", "seed", "base", "runs"}
-    assert results["task"] == "disjoint" and results["seed"] == 1
-    check_metrics(results["base"]["P"]) and check_metrics(results["base"]["Q"])
+    assert results["task"] == "disjoint"
+    assert results["seed"] == 1
+    check_metrics(results["base"]["P"])
+    check_metrics(results["base"]["Q"])
     assert [run["method"] for run in results["runs"]] == ["full", "lora", "disel"]
     for run in results["runs"]:
         keys = {"method", "trainable_params", "steps", "seconds", "P", "Q", "P_kl_from_base"}
         assert set(run) == keys | ({"gates"} if run["method"] == "disel" else set())
-        assert isinstance(run["trainable_params"], int) and run["trainable_params"] > 0
-        assert run["steps"] == QUICK_RECIPE.finetune_steps and run["seconds"] > 0
-        check_metrics(run["P"]) and check_metrics(run["Q"])
+        assert isinstance(run["trainable_params"], int)
+        assert run["trainable_params"] > 0
+        assert run["steps"] == QUICK_RECIPE.finetune_steps
+        assert run["seconds"] > 0
+        check_metrics(run["P"])
+        check_metrics(run["Q"])
         assert run["P_kl_from_base"] >= 0.0
     gates = results["runs"][2]["gates"]
-    assert set(gates) == {"P", "Q"} and set(gates["P"]) == set(gates["Q"])
+    assert set(gates) == {"P", "Q"}
+    assert set(gates["P"]) == set(gates["Q"])
     assert "layers.0.self_attn.q_proj" in gates["P"]
     assert all(0.0 < value < 1.0 for value in gates["P"].values())
     for figure in ("training_curves.png", "gates.png", "gate_histograms.png", "gate_ranks.png"):
@@ -105,7 +112,8 @@ def test_demo_uses_and_validates_cache():
     lines = []
     first = base_model(task, QUICK_RECIPE, 0, log=lines.append)
     second = base_model(task, QUICK_RECIPE, 0, log=lines.append)
-    assert "pre-trained" in lines[0] and "loaded from cache" in lines[-1]
+    assert "pre-trained" in lines[0]
+    assert "loaded from cache" in lines[-1]
     for path, value in flatten(first).items():
         assert np.array_equal(value, flatten(second)[path])
 
@@ -133,7 +141,8 @@ def test_demo_uses_and_validates_cache():
 def test_cli_bad_input_exits_2(argv, words, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert words in err and "Traceback" not in err
+    assert words in err
+    assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
 
@@ -146,4 +155,5 @@ def test_cli_unwritable_output(tmp_path, capsys):
 
 def test_python_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "minidisel", "--version"], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.startswith("minidisel ")
+    assert done.returncode == 0
+    assert done.stdout.startswith("minidisel ")

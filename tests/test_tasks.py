@@ -9,7 +9,8 @@ def test_disjoint_task_rules():
     rng = np.random.default_rng(0)
     for dist, digits in (("P", set(range(5))), ("Q", set(range(5, 10)))):
         tokens = task.samplers[dist](rng, 20)
-        assert np.all(tokens[:, 0] == BOS) and np.all(tokens[:, 7] == SEP)
+        assert np.all(tokens[:, 0] == BOS)
+        assert np.all(tokens[:, 7] == SEP)
         x, y = tokens[:, 1:7], tokens[:, 8:]
         assert set(np.unique(x)) <= digits
         expected = x[:, ::-1] if dist == "P" else (x[:, ::-1] + 1) % 5
@@ -26,15 +27,19 @@ def test_shared_task_uses_markers():
     task = make_task("shared")
     rng = np.random.default_rng(2)
     p, q = task.samplers["P"](rng, 10), task.samplers["Q"](rng, 10)
-    assert np.all(p[:, 1] == REV) and np.all(q[:, 1] == ADD)
+    assert np.all(p[:, 1] == REV)
+    assert np.all(q[:, 1] == ADD)
     assert np.array_equal(q[:, 9:], (q[:, 2:8] + 1) % 10)
 
 
 def test_markov_rows_are_distributions():
     task = make_task("markov")
     tokens = task.samplers["P"](np.random.default_rng(3), 5)
-    assert tokens.shape == (5, task.seq_len) and np.all(tokens[:, 0] == BOS) and tokens[:, 1:].max() < 10
-    assert not task.has_answers and task.scored.all()
+    assert tokens.shape == (5, task.seq_len)
+    assert np.all(tokens[:, 0] == BOS)
+    assert tokens[:, 1:].max() < 10
+    assert not task.has_answers
+    assert task.scored.all()
 
 
 def test_batch_scores_answer_digits():

@@ -36,10 +36,13 @@ def test_every_parameter_in_exactly_one_group():
         assert sorted(listed) == sorted(flatten(tree))
         assert len(listed) == len(set(listed))
     gate_paths = parameter_groups(adapters)["gate"]
-    assert gate_paths and all(path.rsplit(".", 1)[-1] in {"V", "U", "b_g"} for path in gate_paths)
+    assert gate_paths
+    assert all(path.rsplit(".", 1)[-1] in {"V", "U", "b_g"} for path in gate_paths)
     base_groups = parameter_groups(params)
-    assert "norm.weight" in base_groups["no_decay"] and "layers.0.self_attn.q_proj.bias" in base_groups["no_decay"]
-    assert "layers.0.mlp.up_proj.weight" in base_groups["decay"] and not base_groups["gate"]
+    assert "norm.weight" in base_groups["no_decay"]
+    assert "layers.0.self_attn.q_proj.bias" in base_groups["no_decay"]
+    assert "layers.0.mlp.up_proj.weight" in base_groups["decay"]
+    assert not base_groups["gate"]
 
 
 def test_schedule_warmup_then_cosine():
@@ -88,7 +91,8 @@ def test_training_lowers_loss_and_is_reproducible():
     assert history["loss"] == again["loss"]
     for path, value in flatten(first).items():
         assert np.array_equal(value, flatten(second)[path]), path
-    assert len(history["step"]) == 60 and history["step"][-1] == 60
+    assert len(history["step"]) == 60
+    assert history["step"][-1] == 60
 
 
 def test_training_logs_fixed_format_lines():
@@ -97,7 +101,9 @@ def test_training_logs_fixed_format_lines():
     config = TrainConfig(steps=6, batch_size=4, progress=False, log_every=3)
     train(loss, adapters, params, sample, config, log=lines.append)
     assert len(lines) == 2
-    assert lines[0].startswith("step 3/6 | loss ") and "| lr " in lines[0] and lines[0].endswith("ms/step")
+    assert lines[0].startswith("step 3/6 | loss ")
+    assert "| lr " in lines[0]
+    assert lines[0].endswith("ms/step")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
